@@ -1,0 +1,16 @@
+//! The wire contract of the broadcast gateway (`PROTOCOL.md`, version 1), as types.
+//!
+//! The gateway, `loadtest` and the Rust clients all speak through these types, so that a change
+//! of the contract is a change in one place.
+#![forbid(unsafe_code)]
+
+pub mod channel;
+pub mod close;
+pub mod frame;
+
+pub use channel::{valid_channel, ChannelPattern};
+pub use close::CloseCode;
+pub use frame::{ClientFrame, ErrorCode, FrameError, Position, ServerFrame};
+
+/// The subprotocol a client offers in `Sec-WebSocket-Protocol`.
+pub const SUBPROTOCOL: &str = "bgw.v1";
