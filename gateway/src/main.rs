@@ -1,1 +1,74 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use gateway::admin_client;
+use gateway::config::{Cli, Command, Config, LogFormat};
+use hyper::{Method, StatusCode};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Serve(config)) => serve(*config).await,
+        Some(Command::Publish(args)) => publish(args).await,
+        Some(Command::Health(args)) => health(&args.admin_url).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let filter = EnvFilter::try_from_env("BGW_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    gateway::serve(config).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn publish(args: gateway::config::PublishArgs) -> anyhow::Result<ExitCode> {
+    let data = match args.data {
+        Some(data) => data,
+        None => std::io::read_to_string(std::io::stdin())?,
+    };
+    let data: Box<serde_json::value::RawValue> = serde_json::from_str(data.trim())
+        .map_err(|e| anyhow::anyhow!("the message is not JSON: {e}"))?;
+    let body = serde_json::json!({"channel": args.channel, "data": data}).to_string();
+    let key = args.api_key.as_ref().map(|k| k.expose());
+    let (status, body) = admin_client::request(
+        &args.admin_url,
+        Method::POST,
+        "/v1/publish",
+        Some(body),
+        key,
+    )
+    .await?;
+    println!("{body}");
+    Ok(if status == StatusCode::OK {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn health(admin_url: &str) -> anyhow::Result<ExitCode> {
+    let (status, body) =
+        admin_client::request(admin_url, Method::GET, "/readyz", None, None).await?;
+    println!("{body}");
+    Ok(if status == StatusCode::OK {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,248 @@
+//! The embedded in-process broker: one node, history and sessions in memory, the same
+//! semantics as the Redis broker. It is what a node runs without `--redis-url`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::{
+    Broker, BrokerError, Delivery, Event, Events, History, Owner, Published, SessionRecord,
+};
+use crate::ids;
+
+/// How many events may wait for the hub before publishers wait: enough to absorb a burst while
+/// the hub fans out one message to many subscribers.
+const EVENT_QUEUE: usize = 4096;
+
+/// How much history a channel keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    pub size: usize,
+    pub ttl: Duration,
+}
+
+pub struct EmbeddedBroker {
+    node: String,
+    history_limits: HistoryLimits,
+    state: Mutex<State>,
+    events: mpsc::Sender<Event>,
+}
+
+#[derive(Default)]
+struct State {
+    channels: HashMap<Arc<str>, ChannelLog>,
+    /// Channels the node wants delivered.
+    subscribed: HashSet<Arc<str>>,
+    sessions: HashMap<String, (SessionRecord, Instant)>,
+}
+
+struct ChannelLog {
+    epoch: Arc<str>,
+    top: u64,
+    /// `(seq, data, published at)`, oldest first.
+    history: VecDeque<(u64, Bytes, Instant)>,
+}
+
+impl ChannelLog {
+    fn new() -> Self {
+        Self {
+            epoch: ids::epoch().into(),
+            top: 0,
+            history: VecDeque::new(),
+        }
+    }
+
+    fn trim(&mut self, limits: HistoryLimits, now: Instant) {
+        while self.history.len() > limits.size {
+            self.history.pop_front();
+        }
+        while let Some((_, _, at)) = self.history.front() {
+            if now.duration_since(*at) <= limits.ttl {
+                break;
+            }
+            self.history.pop_front();
+        }
+    }
+}
+
+impl EmbeddedBroker {
+    /// The broker, and the events it sends to the node.
+    pub fn new(node: String, history_limits: HistoryLimits) -> (Arc<Self>, Events) {
+        let (events, rx) = mpsc::channel(EVENT_QUEUE);
+        let broker = Arc::new(Self {
+            node,
+            history_limits,
+            state: Mutex::new(State::default()),
+            events,
+        });
+        (broker, rx)
+    }
+
+    /// Drops expired history and sessions, so that an idle gateway gives its memory back.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let limits = self.history_limits;
+        for log in state.channels.values_mut() {
+            log.trim(limits, now);
+        }
+        state.sessions.retain(|_, (_, expires)| *expires > now);
+    }
+
+    fn live_session(state: &mut State, id: &str, now: Instant) -> Option<SessionRecord> {
+        match state.sessions.get(id) {
+            Some((record, expires)) if *expires > now => Some(record.clone()),
+            Some(_) => {
+                state.sessions.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for EmbeddedBroker {
+    async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
+        // Reserve the event's place first, so that seq order and delivery order are the same
+        // order: both are decided under the lock below.
+        let permit = self
+            .events
+            .reserve()
+            .await
+            .map_err(|_| BrokerError::Unavailable("node stopped".into()))?;
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let State {
+            channels,
+            subscribed,
+            ..
+        } = &mut *state;
+        let log = match channels.get_mut(channel) {
+            Some(log) => log,
+            None => channels
+                .entry(Arc::from(channel))
+                .or_insert_with(ChannelLog::new),
+        };
+        log.top += 1;
+        log.history.push_back((log.top, data.clone(), now));
+        log.trim(self.history_limits, now);
+        let published = Published {
+            seq: log.top,
+            epoch: log.epoch.clone(),
+        };
+        if let Some(name) = subscribed.get(channel) {
+            permit.send(Event::Message(Delivery {
+                channel: name.clone(),
+                seq: published.seq,
+                epoch: published.epoch.clone(),
+                data,
+            }));
+        }
+        Ok(published)
+    }
+
+    async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let log = state
+            .channels
+            .entry(Arc::from(channel))
+            .or_insert_with(ChannelLog::new);
+        log.trim(self.history_limits, now);
+        let messages: Vec<(u64, Bytes)> = log
+            .history
+            .iter()
+            .filter(|(seq, _, _)| *seq > after)
+            .map(|(seq, data, _)| (*seq, data.clone()))
+            .collect();
+        let complete =
+            after <= log.top && messages.first().is_none_or(|(seq, _)| *seq == after + 1);
+        Ok(History {
+            epoch: log.epoch.clone(),
+            top: log.top,
+            complete: complete && (after == log.top || !messages.is_empty()),
+            messages,
+        })
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        self.state.lock().subscribed.insert(Arc::from(channel));
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        self.state.lock().subscribed.remove(channel);
+        Ok(())
+    }
+
+    async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, BrokerError> {
+        Ok(Self::live_session(
+            &mut self.state.lock(),
+            id,
+            Instant::now(),
+        ))
+    }
+
+    async fn claim_session(
+        &self,
+        id: &str,
+        owner: &Owner,
+        ttl: Duration,
+    ) -> Result<Option<SessionRecord>, BrokerError> {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let previous = Self::live_session(&mut state, id, now);
+        if let Some(previous) = &previous {
+            let claimed = SessionRecord {
+                owner: owner.clone(),
+                ..previous.clone()
+            };
+            state.sessions.insert(id.to_owned(), (claimed, now + ttl));
+        }
+        Ok(previous)
+    }
+
+    async fn save_sessions(
+        &self,
+        records: &[SessionRecord],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        for record in records {
+            let owned_by_other = Self::live_session(&mut state, &record.id, now)
+                .is_some_and(|stored| stored.owner != record.owner);
+            if !owned_by_other {
+                state
+                    .sessions
+                    .insert(record.id.clone(), (record.clone(), now + ttl));
+            }
+        }
+        Ok(())
+    }
+
+    async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError> {
+        // One node: the previous owner can only be this node, or a node that no longer runs.
+        if previous.node == self.node {
+            let event = Event::TakenOver {
+                session: session.to_owned(),
+                conn: previous.conn,
+            };
+            self.events
+                .send(event)
+                .await
+                .map_err(|_| BrokerError::Unavailable("node stopped".into()))?;
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,266 @@
+//! The command line: every flag also reads a `BGW_` environment variable.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about = "WebSocket broadcast gateway")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Without a subcommand, `gateway` runs a node as `gateway serve` does.
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a gateway node (the default).
+    Serve(Box<Config>),
+    /// Publish one message through a node's admin API.
+    Publish(PublishArgs),
+    /// Exit 0 when the node's /readyz answers 200 (for container health checks).
+    Health(HealthArgs),
+}
+
+/// A node's configuration.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address of the client listener (WebSocket upgrades on /ws).
+    #[arg(long, env = "BGW_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin listener (health, metrics, publish API). Never expose it to the
+    /// internet.
+    #[arg(long, env = "BGW_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// Name of this node, unique in the cluster; a random one when absent.
+    #[arg(long, env = "BGW_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Redis URL (`redis://host:port/db`). Absent: the embedded in-process broker (one node).
+    #[arg(long, env = "BGW_REDIS_URL")]
+    pub redis_url: Option<Secret>,
+
+    /// HS256 secret that verifies client tokens. With neither key, authentication is off.
+    #[arg(long, env = "BGW_JWT_SECRET", conflicts_with = "jwt_public_key")]
+    pub jwt_secret: Option<Secret>,
+
+    /// PEM file of the RSA (RS256) or P-256 (ES256) public key that verifies client tokens.
+    #[arg(long, env = "BGW_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Cookie that may carry the client token.
+    #[arg(long, env = "BGW_TOKEN_COOKIE", default_value = "bgw_token")]
+    pub token_cookie: String,
+
+    /// Bearer key the admin publish API requires. Absent: the admin API is open.
+    #[arg(long, env = "BGW_API_KEY")]
+    pub api_key: Option<Secret>,
+
+    /// Browser origins allowed to connect, comma-separated: exact (`https://app.example.com`) or
+    /// wildcard (`https://*.example.com`). Absent: only requests without Origin or whose Origin
+    /// host is the Host header.
+    #[arg(long, env = "BGW_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Let clients publish with `publish` frames (where their token permits, with auth on).
+    #[arg(long, env = "BGW_CLIENT_PUBLISH")]
+    pub client_publish: bool,
+
+    /// Messages retained per channel for resume. Enough for a reconnect of a few seconds on a
+    /// busy channel; each one costs its payload in the broker.
+    #[arg(long, env = "BGW_HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: usize,
+
+    /// How long a message is retained for resume. Matches the session TTL, so that a session
+    /// that can still resume finds its history.
+    #[arg(long, env = "BGW_HISTORY_TTL", default_value = "5m", value_parser = duration)]
+    pub history_ttl: Duration,
+
+    /// How long a session outlives its connection.
+    #[arg(long, env = "BGW_SESSION_TTL", default_value = "5m", value_parser = duration)]
+    pub session_ttl: Duration,
+
+    /// Interval of WebSocket pings. Below the common 30 s to 60 s idle timeouts of proxies.
+    #[arg(long, env = "BGW_HEARTBEAT_INTERVAL", default_value = "25s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+
+    /// A connection silent for heartbeat interval + this is dead and is dropped.
+    #[arg(long, env = "BGW_PONG_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub pong_timeout: Duration,
+
+    /// Time a client has to send `hello` after the upgrade.
+    #[arg(long, env = "BGW_HELLO_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub hello_timeout: Duration,
+
+    /// Time a client has to complete the HTTP upgrade: a socket that sends nothing must not hold
+    /// a file descriptor for long.
+    #[arg(long, env = "BGW_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+
+    /// Most client connections on this node; more get 503 so that the load balancer tries
+    /// another node. Keep it below the open-file limit.
+    #[arg(long, env = "BGW_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+
+    /// Largest frame (and message) a client may send. A hello with a long token fits easily.
+    #[arg(long, env = "BGW_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Largest body of an admin publish.
+    #[arg(long, env = "BGW_MAX_PUBLISH_BYTES", default_value_t = 1024 * 1024)]
+    pub max_publish_bytes: usize,
+
+    /// Frames per second a client may send (with a burst of as many); more closes with 4029.
+    /// Subscribing, publishing and pinging take a few frames a second.
+    #[arg(long, env = "BGW_CLIENT_RATE", default_value_t = 50)]
+    pub client_rate: u32,
+
+    /// Bytes that may wait for a client's socket; past it the client is closed with 4030 and
+    /// resumes from history. 1 MiB holds seconds of a busy channel for a slow mobile client.
+    #[arg(long, env = "BGW_MAX_QUEUE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_queue_bytes: usize,
+
+    /// Channels one connection may subscribe to.
+    #[arg(long, env = "BGW_MAX_SUBSCRIPTIONS", default_value_t = 128)]
+    pub max_subscriptions: usize,
+
+    /// Log format.
+    #[arg(long, env = "BGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_interval.is_zero() {
+            return Err("--heartbeat-interval must be above zero".into());
+        }
+        if self.client_rate == 0 {
+            return Err("--client-rate must be above zero".into());
+        }
+        if self.max_subscriptions == 0 || self.max_connections == 0 {
+            return Err("--max-subscriptions and --max-connections must be above zero".into());
+        }
+        if self.history_size == 0 {
+            return Err("--history-size must be above zero".into());
+        }
+        if self.session_ttl < Duration::from_secs(1) {
+            return Err("--session-ttl must be at least 1s".into());
+        }
+        for origin in &self.allowed_origins {
+            if !origin.contains("://") {
+                return Err(format!(
+                    "--allowed-origins: `{origin}` is not an origin (scheme://host[:port])"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Base URL of a node's admin listener.
+    #[arg(long, env = "BGW_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+    pub admin_url: String,
+    /// The admin API key, where the node requires one.
+    #[arg(long, env = "BGW_API_KEY")]
+    pub api_key: Option<Secret>,
+    /// Channel to publish to.
+    pub channel: String,
+    /// The message: any JSON value. Read from standard input when absent.
+    pub data: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Base URL of a node's admin listener.
+    #[arg(long, env = "BGW_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+    pub admin_url: String,
+}
+
+/// A value that never appears in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_validate() {
+        let cli = Cli::try_parse_from(["gateway"]).unwrap();
+        assert!(cli.command.is_none());
+        cli.serve.validate().unwrap();
+        assert_eq!(cli.serve.heartbeat_interval, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn durations_and_lists() {
+        let cli = Cli::try_parse_from([
+            "gateway",
+            "serve",
+            "--hello-timeout",
+            "500ms",
+            "--session-ttl",
+            "5m",
+            "--allowed-origins",
+            "https://a.example.com,https://*.example.org",
+        ])
+        .unwrap();
+        let Some(Command::Serve(config)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(config.hello_timeout, Duration::from_millis(500));
+        assert_eq!(config.session_ttl, Duration::from_secs(300));
+        assert_eq!(config.allowed_origins.len(), 2);
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let cli = Cli::try_parse_from(["gateway", "--jwt-secret", "hunter2", "--api-key", "k3y"])
+            .unwrap();
+        let shown = format!("{:?}", cli.serve);
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("k3y"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! The broadcast gateway node.
+//!
+//! The data path, in the order a message travels it:
+//! - [`listener`] accepts sockets and upgrades `GET /ws`; [`connection`] speaks the protocol
+//!   with one client;
+//! - a publish (from a client, or [`admin`]'s `POST /v1/publish`) goes to the [`broker`], which
+//!   numbers it, keeps it in history and hands it to every node;
+//! - the [`hub`] encodes it once and pushes it to the [`outbound`] queue of every local
+//!   subscriber, whose writer feeds the frames and flushes once.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod admin_client;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod handshake;
+pub mod hub;
+pub mod ids;
+pub mod listener;
+pub mod metrics;
+pub mod node;
+pub mod outbound;
+pub mod session;
+pub mod shutdown;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::auth::Verifier;
+use crate::broker::embedded::{EmbeddedBroker, HistoryLimits};
+use crate::broker::{Event, Events};
+use crate::config::Config;
+use crate::node::Node;
+
+/// How often the embedded broker drops expired history and sessions.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Runs a node until it is signalled and drained.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    info!(?config, "configuration");
+    let node_id = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("node-{}", ids::random_hex(4)));
+    let verifier = Verifier::from_config(&config)?;
+    if config.redis_url.is_some() {
+        anyhow::bail!("--redis-url: the Redis broker is not built yet; run without it for the embedded broker");
+    }
+    let limits = HistoryLimits {
+        size: config.history_size,
+        ttl: config.history_ttl,
+    };
+    let (embedded, events) = EmbeddedBroker::new(node_id.clone(), limits);
+    let client = TcpListener::bind(config.listen).await?;
+    let admin = TcpListener::bind(config.admin_listen).await?;
+    let node = Arc::new(Node::new(node_id, config, embedded.clone(), verifier));
+    info!(
+        client = %client.local_addr()?,
+        admin = %admin.local_addr()?,
+        node = %node.id,
+        broker = "embedded",
+        "listening"
+    );
+
+    let background = CancellationToken::new();
+    let accept = CancellationToken::new();
+    let connections = TaskTracker::new();
+    tokio::spawn(pump(events, node.clone()));
+    tokio::spawn(node.sessions.clone().run_saver(background.clone()));
+    tokio::spawn(sweep(embedded, background.clone()));
+    tokio::spawn(admin::run(admin, node.clone(), background.clone()));
+    tokio::spawn(listener::run(
+        client,
+        node.clone(),
+        accept.clone(),
+        connections.clone(),
+    ));
+
+    shutdown::signalled().await?;
+    shutdown::drain(node, accept, connections).await;
+    background.cancel();
+    Ok(())
+}
+
+/// Passes the broker's events to the hub and the sessions, in order.
+async fn pump(mut events: Events, node: Arc<Node>) {
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Message(delivery) => node.hub.deliver(delivery),
+            Event::TakenOver { session, conn } => node.sessions.taken_over(&session, conn),
+        }
+    }
+}
+
+async fn sweep(broker: Arc<EmbeddedBroker>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(SWEEP_INTERVAL) => broker.sweep(),
+        }
+    }
+}

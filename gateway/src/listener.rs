@@ -1,0 +1,179 @@
+//! The client listener: HTTP/1.1 on `--listen`, where `GET /ws` upgrades to a WebSocket.
+//! Every refusal happens before the upgrade, as an HTTP status a load balancer understands.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
+};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::connection;
+use crate::handshake;
+use crate::node::Node;
+
+/// Read buffer of a connection. tungstenite's default is 128 KiB, allocated up front: client
+/// frames are small, and memory per connection is what a gateway is judged by.
+const READ_BUFFER: usize = 4 * 1024;
+/// Bytes of frames tungstenite gathers before it writes to the socket; the writer flushes each
+/// batch anyway. The buffer keeps its high-water mark, so it stays small.
+const WRITE_BUFFER: usize = 4 * 1024;
+
+type Body = Full<Bytes>;
+
+/// Accepts client sockets until `stop`, each served on a task that `tasks` tracks.
+pub async fn run(
+    listener: TcpListener,
+    node: Arc<Node>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, most likely: let connections end before trying again.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let inner = tasks.clone();
+        tasks.spawn(async move {
+            let handshake_timeout = node.config.handshake_timeout;
+            let service = service_fn(move |req| {
+                let node = node.clone();
+                let tasks = inner.clone();
+                async move { Ok::<_, Infallible>(route(req, node, &tasks)) }
+            });
+            let http = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            match tokio::time::timeout(handshake_timeout, http).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "client HTTP connection failed"),
+                Err(_) => debug!(%peer, "handshake timeout"),
+            }
+        });
+    }
+}
+
+fn route(req: Request<Incoming>, node: Arc<Node>, tasks: &TaskTracker) -> Response<Body> {
+    let is_upgrade = req
+        .headers()
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    match req.uri().path() {
+        "/ws" if is_upgrade => upgrade(req, node, tasks),
+        "/ws" | "/" => status(
+            StatusCode::UPGRADE_REQUIRED,
+            "this is a WebSocket endpoint: connect to /ws\n",
+        ),
+        _ => status(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, tasks: &TaskTracker) -> Response<Body> {
+    let headers = req.headers();
+    let key = headers
+        .get(SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()));
+    let version_ok = headers
+        .get(SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let (Some(accept), true, &hyper::Method::GET) = (key, version_ok, req.method()) else {
+        let mut response = status(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n");
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return response;
+    };
+    if !handshake::origin_allowed(headers, &node.config.allowed_origins) {
+        node.metrics.rejections.with_label_values(&["origin"]).inc();
+        return status(StatusCode::FORBIDDEN, "origin not allowed\n");
+    }
+    if node.is_draining() {
+        node.metrics
+            .rejections
+            .with_label_values(&["draining"])
+            .inc();
+        return status(StatusCode::SERVICE_UNAVAILABLE, "node is draining\n");
+    }
+    let Ok(permit) = node.capacity.clone().try_acquire_owned() else {
+        node.metrics
+            .rejections
+            .with_label_values(&["capacity"])
+            .inc();
+        return status(StatusCode::SERVICE_UNAVAILABLE, "node at capacity\n");
+    };
+    let protocol = handshake::subprotocol(headers);
+    let token = handshake::token(req.uri(), headers, &node.config.token_cookie);
+    let upgrading = hyper::upgrade::on(&mut req);
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + node.config.max_publish_bytes + 64 * 1024)
+        .max_message_size(Some(node.config.max_frame_bytes))
+        .max_frame_size(Some(node.config.max_frame_bytes));
+    tasks.spawn(async move {
+        match upgrading.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await;
+                connection::serve(ws, node, token, permit).await;
+            }
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+    );
+    if let Some(protocol) = protocol {
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    response
+}
+
+pub fn status(code: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(Body::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = code;
+    if code == StatusCode::UPGRADE_REQUIRED {
+        response
+            .headers_mut()
+            .insert(UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    response
+}

@@ -1,0 +1,83 @@
+//! The node: what every connection, listener and task of one gateway process shares.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Verifier;
+use crate::broker::{Broker, BrokerError, Published};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::session::Sessions;
+
+pub struct Node {
+    pub id: String,
+    pub config: Config,
+    pub broker: Arc<dyn Broker>,
+    pub hub: Arc<Hub>,
+    pub sessions: Arc<Sessions>,
+    pub metrics: Arc<Metrics>,
+    /// `None` when authentication is off.
+    pub verifier: Option<Verifier>,
+    /// One permit per client connection: `--max-connections`.
+    pub capacity: Arc<Semaphore>,
+    /// Set on SIGTERM: readiness fails and new sockets are refused.
+    pub draining: AtomicBool,
+    /// Cancelled when every connection is to close with 1001.
+    pub closing: CancellationToken,
+    connection_ids: AtomicU64,
+}
+
+impl Node {
+    pub fn new(
+        id: String,
+        config: Config,
+        broker: Arc<dyn Broker>,
+        verifier: Option<Verifier>,
+    ) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(broker.clone(), metrics.clone()));
+        let sessions = Arc::new(Sessions::new(
+            broker.clone(),
+            metrics.clone(),
+            config.session_ttl,
+        ));
+        Self {
+            id,
+            capacity: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            broker,
+            hub,
+            sessions,
+            metrics,
+            verifier,
+            draining: AtomicBool::new(false),
+            closing: CancellationToken::new(),
+            connection_ids: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_connection_id(&self) -> u64 {
+        self.connection_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Publishes through the broker, for clients and the admin API alike.
+    pub async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
+        let started = Instant::now();
+        let published = self.broker.publish(channel, data).await?;
+        self.metrics.published.inc();
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(published)
+    }
+}
