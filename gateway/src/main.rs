@@ -29,6 +29,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let filter = EnvFilter::try_from_env("BGW_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => logs.init(),
