@@ -271,6 +271,34 @@ impl Hub {
         }
     }
 
+    /// After a broker outage: links every channel again and repairs each from history, so that
+    /// what was published while the link was down reaches subscribers without a new message.
+    pub async fn resync(self: &Arc<Self>) {
+        let names: Vec<Arc<str>> = self.channels.lock().keys().cloned().collect();
+        for name in names {
+            {
+                let _link = self.links.lock().await;
+                if let Err(e) = self.broker.subscribe(&name).await {
+                    warn!(channel = %name, error = %e, "resubscribe failed");
+                    continue;
+                }
+            }
+            let after = {
+                let mut channels = self.channels.lock();
+                let Some(channel) = channels.get_mut(&name) else {
+                    continue;
+                };
+                if channel.repairing.is_some() || channel.epoch.is_none() {
+                    continue;
+                }
+                channel.repairing = Some(Vec::new());
+                channel.last_seq
+            };
+            self.metrics.repairs.inc();
+            self.clone().repair(name, after).await;
+        }
+    }
+
     /// Fills a gap after `after` from history, then passes on what was held meanwhile. What
     /// history no longer has is lost: subscribers are told with `recovered: false`.
     async fn repair(self: Arc<Self>, name: Arc<str>, after: u64) {

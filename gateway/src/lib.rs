@@ -35,8 +35,10 @@ use tracing::info;
 
 use crate::auth::Verifier;
 use crate::broker::embedded::{EmbeddedBroker, HistoryLimits};
-use crate::broker::{Event, Events};
+use crate::broker::redis::RedisBroker;
+use crate::broker::{Broker, Event, Events};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::node::Node;
 
 /// How often the embedded broker drops expired history and sessions.
@@ -51,31 +53,46 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("node-{}", ids::random_hex(4)));
     let verifier = Verifier::from_config(&config)?;
-    if config.redis_url.is_some() {
-        anyhow::bail!("--redis-url: the Redis broker is not built yet; run without it for the embedded broker");
-    }
-    let limits = HistoryLimits {
-        size: config.history_size,
-        ttl: config.history_ttl,
+    let metrics = Arc::new(Metrics::new());
+    let background = CancellationToken::new();
+    let (broker, events, kind): (Arc<dyn Broker>, Events, &str) = match &config.redis_url {
+        Some(url) => {
+            let (redis, events) = RedisBroker::connect(
+                url.expose(),
+                node_id.clone(),
+                config.history_size,
+                config.history_ttl,
+                metrics.clone(),
+                background.clone(),
+            )
+            .await?;
+            (redis, events, "redis")
+        }
+        None => {
+            let limits = HistoryLimits {
+                size: config.history_size,
+                ttl: config.history_ttl,
+            };
+            let (embedded, events) = EmbeddedBroker::new(node_id.clone(), limits);
+            tokio::spawn(sweep(embedded.clone(), background.clone()));
+            (embedded, events, "embedded")
+        }
     };
-    let (embedded, events) = EmbeddedBroker::new(node_id.clone(), limits);
     let client = TcpListener::bind(config.listen).await?;
     let admin = TcpListener::bind(config.admin_listen).await?;
-    let node = Arc::new(Node::new(node_id, config, embedded.clone(), verifier));
+    let node = Arc::new(Node::new(node_id, config, broker, verifier, metrics));
     info!(
         client = %client.local_addr()?,
         admin = %admin.local_addr()?,
         node = %node.id,
-        broker = "embedded",
+        broker = kind,
         "listening"
     );
 
-    let background = CancellationToken::new();
     let accept = CancellationToken::new();
     let connections = TaskTracker::new();
     tokio::spawn(pump(events, node.clone()));
     tokio::spawn(node.sessions.clone().run_saver(background.clone()));
-    tokio::spawn(sweep(embedded, background.clone()));
     tokio::spawn(admin::run(admin, node.clone(), background.clone()));
     tokio::spawn(listener::run(
         client,
@@ -96,6 +113,10 @@ async fn pump(mut events: Events, node: Arc<Node>) {
         match event {
             Event::Message(delivery) => node.hub.deliver(delivery),
             Event::TakenOver { session, conn } => node.sessions.taken_over(&session, conn),
+            Event::Resync => {
+                let hub = node.hub.clone();
+                tokio::spawn(async move { hub.resync().await });
+            }
         }
     }
 }

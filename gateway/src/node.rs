@@ -39,8 +39,8 @@ impl Node {
         config: Config,
         broker: Arc<dyn Broker>,
         verifier: Option<Verifier>,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(broker.clone(), metrics.clone()));
         let sessions = Arc::new(Sessions::new(
             broker.clone(),

@@ -2,6 +2,7 @@
 //! reaches every node. The rest of the gateway does not know which implementation it runs on.
 
 pub mod embedded;
+pub mod redis;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub enum Event {
         session: String,
         conn: u64,
     },
+    /// The link to the broker was down and is back: pushes may have been lost meanwhile.
+    Resync,
 }
 
 /// Where a node learns of the broker's events. Bounded: a slow node slows its broker link.
