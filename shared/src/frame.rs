@@ -80,7 +80,7 @@ struct Fields<'a> {
     channel: Option<&'a RawValue>,
     #[serde(borrow, default)]
     since: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "raw_present")]
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     token: Option<&'a RawValue>,
@@ -96,10 +96,16 @@ impl ClientFrame {
             return Err(FrameError::NotObject);
         }
         let fields: Fields = serde_json::from_str(text).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => FrameError::BadRequest {
-                id: None,
-                message: e.to_string(),
-            },
+            // serde reports a duplicate field as soon as it reads the key, before the parser
+            // has seen the rest: only a text that is JSON is a bad request.
+            serde_json::error::Category::Data
+                if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() =>
+            {
+                FrameError::BadRequest {
+                    id: None,
+                    message: e.to_string(),
+                }
+            }
             _ => FrameError::NotObject,
         })?;
         let id = fields
@@ -239,7 +245,7 @@ struct ServerFields<'a> {
     kind: String,
     #[serde(borrow, default)]
     id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "raw_present")]
     data: Option<&'a RawValue>,
     session: Option<String>,
     node: Option<String>,
@@ -254,6 +260,12 @@ struct ServerFields<'a> {
     expires: Option<Option<u64>>,
     code: Option<u16>,
     message: Option<String>,
+}
+
+/// Keeps a raw field that is `null` (`data` may be any JSON value, `null` too), where serde
+/// would read it as absent.
+fn raw_present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Tells a field that is `null` from one that is absent.
@@ -451,12 +463,26 @@ mod tests {
             "{\"type\":\"ping\"} x",
             "null",
             "{\"a\":}",
+            // A duplicate key is seen before the broken rest.
+            "{\"type\":\"ping\",\"type\" x",
         ] {
             assert!(
                 matches!(ClientFrame::parse(text), Err(FrameError::NotObject)),
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn null_is_data_like_any_other_value() {
+        let publish = ClientFrame::parse(r#"{"type":"publish","channel":"c","data":null}"#);
+        assert!(matches!(publish, Ok(ClientFrame::Publish { data, .. }) if data.get() == "null"));
+        let message: ServerFrame =
+            serde_json::from_slice(&encode_message("c", 1, b"null")).unwrap();
+        assert!(matches!(message, ServerFrame::Message { data, .. } if data.get() == "null"));
+        assert!(bad(r#"{"type":"publish","channel":"c"}"#)
+            .1
+            .contains("data"));
     }
 
     #[test]
