@@ -417,3 +417,74 @@ fn redis_harness_restarts_on_the_same_port() {
         redis.cli(&["GET", "k"]).is_some_and(|v| v.trim() == "v")
     });
 }
+
+/// A push the node never got (written to Redis as a publish is, but not sent on pub/sub): the
+/// next message shows the gap, and the node repairs it from history before passing that on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_push_is_repaired_from_history() {
+    let redis = RedisServer::start(false);
+    let a = Node::start(&redis.url(), "gap-a");
+    let mut client = a.connect().await;
+    client.hello(None, BTreeMap::new()).await;
+    client.subscribe("g").await;
+    a.publish("g", json!(1)).await;
+    assert_eq!(seqs(&client.messages(1).await), [1]);
+
+    let silent_publish = "local seq = redis.call('INCR', KEYS[1]) \
+        redis.call('XADD', KEYS[2], seq .. '-0', 'd', ARGV[1], 't', ARGV[2]) return seq";
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let seq = redis.cli(&[
+        "EVAL",
+        silent_publish,
+        "2",
+        "bgw:{g}:seq",
+        "bgw:{g}:hist",
+        "\"lost\"",
+        &now_ms,
+    ]);
+    assert_eq!(seq.as_deref().map(str::trim), Some("2"));
+
+    a.publish("g", json!(3)).await;
+    let got = client.messages(2).await;
+    assert_eq!(got, [(2, json!("lost")), (3, json!(3))]);
+}
+
+/// A gap that history cannot fill: subscribers are told with an unsolicited `subscribed`
+/// (`recovered: false`) before the next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_history_cannot_fill_is_reported() {
+    let redis = RedisServer::start(false);
+    let a = Node::start(&redis.url(), "hole-a");
+    let mut client = a.connect().await;
+    client.hello(None, BTreeMap::new()).await;
+    let epoch = client.subscribe("h").await;
+    a.publish("h", json!(1)).await;
+    assert_eq!(seqs(&client.messages(1).await), [1]);
+
+    assert!(
+        redis.cli(&["INCR", "bgw:{h}:seq"]).is_some(),
+        "seq 2 is taken, and never retained"
+    );
+    a.publish("h", json!(3)).await;
+    match client.recv().await {
+        ServerFrame::Subscribed {
+            id,
+            channel,
+            seq,
+            epoch: now,
+            recovered,
+        } => {
+            assert!(id.is_none());
+            assert_eq!(
+                (channel.as_str(), seq, now, recovered),
+                ("h", 2, epoch, false)
+            );
+        }
+        other => panic!("expected an unsolicited subscribed, got {other:?}"),
+    }
+    assert_eq!(seqs(&client.messages(1).await), [3]);
+}
