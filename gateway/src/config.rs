@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
 
 #[derive(Debug, Parser)]
 #[command(name = "gateway", version, about = "WebSocket broadcast gateway")]
@@ -132,6 +133,26 @@ pub struct Config {
     #[arg(long, env = "BGW_MAX_SUBSCRIPTIONS", default_value_t = 128)]
     pub max_subscriptions: usize,
 
+    /// On SIGTERM, how long the node keeps serving (with /readyz at 503) before it drains, so
+    /// that load balancers stop sending it clients first.
+    #[arg(long, env = "BGW_DRAIN_DELAY", default_value = "2s", value_parser = duration)]
+    pub drain_delay: Duration,
+
+    /// The window over which a draining node closes its clients with 1001, evenly spaced, so
+    /// that the other nodes take the reconnects as a stream rather than a storm.
+    #[arg(long, env = "BGW_DRAIN_WINDOW", default_value = "10s", value_parser = duration)]
+    pub drain_window: Duration,
+
+    /// Longest a drain waits for clients to close, counted from the end of the delay; then the
+    /// node exits anyway. Keep delay + timeout below Kubernetes' terminationGracePeriodSeconds.
+    #[arg(long, env = "BGW_DRAIN_TIMEOUT", default_value = "20s", value_parser = duration)]
+    pub drain_timeout: Duration,
+
+    /// Proxies (IPs or CIDRs, comma-separated) whose X-Forwarded-For names the client. The
+    /// header of anyone else is ignored, so that clients cannot choose their own address.
+    #[arg(long, env = "BGW_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpNet>,
+
     /// Log format.
     #[arg(long, env = "BGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -154,6 +175,9 @@ impl Config {
         }
         if self.session_ttl < Duration::from_secs(1) {
             return Err("--session-ttl must be at least 1s".into());
+        }
+        if self.drain_window >= self.drain_timeout {
+            return Err("--drain-window must be shorter than --drain-timeout".into());
         }
         for origin in &self.allowed_origins {
             if !origin.contains("://") {

@@ -5,6 +5,7 @@
 //! client goes through the outbound queue, so the hub, replies and closes keep one order.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
@@ -41,6 +42,7 @@ type Reply = Result<(), Close>;
 pub async fn serve<S>(
     ws: WebSocketStream<S>,
     node: Arc<Node>,
+    client: IpAddr,
     http_token: Option<String>,
     permit: OwnedSemaphorePermit,
 ) where
@@ -54,6 +56,7 @@ pub async fn serve<S>(
     let rate = NonZeroU32::new(config.client_rate).unwrap_or(NonZeroU32::MIN);
     let mut conn = Connection {
         id: node.next_connection_id(),
+        client,
         node: node.clone(),
         outbound: outbound.clone(),
         positions: positions.clone(),
@@ -74,6 +77,8 @@ pub async fn serve<S>(
 
 struct Connection {
     id: u64,
+    /// The client's address (from X-Forwarded-For where a trusted proxy sent it), for logs.
+    client: IpAddr,
     node: Arc<Node>,
     outbound: Arc<Outbound>,
     /// The connection's subscriptions, shared with the writer (which moves them as messages go
@@ -101,13 +106,18 @@ impl Connection {
         let mut next_ping = Instant::now() + heartbeat;
         let mut last_heard = Instant::now();
         let outbound = self.outbound.clone();
+        let node = self.node.clone();
+        let mut drain_at: Option<Instant> = None;
         let peer_closed = loop {
             let expiry = self.expires_at;
             tokio::select! {
                 biased;
                 _ = outbound.closed() => break false,
-                () = self.node.closing.cancelled() => {
-                    self.outbound.close(CloseCode::GoingAway, "node shutting down");
+                () = node.closing.cancelled(), if drain_at.is_none() => {
+                    drain_at = Some(Instant::now() + node.drain_delay());
+                }
+                () = sleep_until(drain_at.unwrap_or(hello_deadline)), if drain_at.is_some() => {
+                    self.outbound.close(CloseCode::GoingAway, "node draining");
                 }
                 message = stream.next() => {
                     last_heard = Instant::now();
@@ -143,6 +153,7 @@ impl Connection {
         if let Some(close) = self.outbound.closing().filter(|_| !peer_closed) {
             debug!(
                 conn = self.id,
+                client = %self.client,
                 code = close.code.code(),
                 reason = close.reason,
                 "closing"

@@ -2,7 +2,9 @@
 
 use hyper::header::{HeaderMap, HeaderValue, COOKIE, HOST, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use hyper::Uri;
+use ipnet::IpNet;
 use shared::SUBPROTOCOL;
+use std::net::IpAddr;
 
 /// Whether a browser's `Origin` may connect. Requests without one (non-browser clients) may.
 /// With no allow-list, the origin's host must be the `Host` the request was sent to.
@@ -66,9 +68,50 @@ pub fn token(uri: &Uri, headers: &HeaderMap, cookie_name: &str) -> Option<String
     })
 }
 
+/// The client's address: the peer's, unless the peer is a trusted proxy, in which case the
+/// last address of `X-Forwarded-For` that is not itself a trusted proxy (proxies append, so the
+/// addresses before it are the client's own claims).
+pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .unwrap_or(peer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_addresses() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        let stranger: IpAddr = "203.0.113.9".parse().unwrap();
+        let forwarded = headers(&[("x-forwarded-for", "1.2.3.4, 198.51.100.7, 10.0.0.2")]);
+        assert_eq!(
+            client_address(proxy, &forwarded, &trusted),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_address(stranger, &forwarded, &trusted),
+            stranger,
+            "only proxies are believed"
+        );
+        assert_eq!(client_address(proxy, &HeaderMap::new(), &trusted), proxy);
+        assert_eq!(client_address(proxy, &forwarded, &[]), proxy);
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs

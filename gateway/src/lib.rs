@@ -89,7 +89,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "listening"
     );
 
-    let accept = CancellationToken::new();
     let connections = TaskTracker::new();
     tokio::spawn(pump(events, node.clone()));
     tokio::spawn(node.sessions.clone().run_saver(background.clone()));
@@ -97,12 +96,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn(listener::run(
         client,
         node.clone(),
-        accept.clone(),
+        background.clone(),
         connections.clone(),
     ));
 
     shutdown::signalled().await?;
-    shutdown::drain(node, accept, connections).await;
+    shutdown::drain(node, connections).await;
     background.cancel();
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! Every refusal happens before the upgrade, as an HTTP status a load balancer understands.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,7 +67,7 @@ pub async fn run(
             let service = service_fn(move |req| {
                 let node = node.clone();
                 let tasks = inner.clone();
-                async move { Ok::<_, Infallible>(route(req, node, &tasks)) }
+                async move { Ok::<_, Infallible>(route(req, node, peer.ip(), &tasks)) }
             });
             let http = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -80,14 +81,19 @@ pub async fn run(
     }
 }
 
-fn route(req: Request<Incoming>, node: Arc<Node>, tasks: &TaskTracker) -> Response<Body> {
+fn route(
+    req: Request<Incoming>,
+    node: Arc<Node>,
+    peer: IpAddr,
+    tasks: &TaskTracker,
+) -> Response<Body> {
     let is_upgrade = req
         .headers()
         .get(UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     match req.uri().path() {
-        "/ws" if is_upgrade => upgrade(req, node, tasks),
+        "/ws" if is_upgrade => upgrade(req, node, peer, tasks),
         "/ws" | "/" => status(
             StatusCode::UPGRADE_REQUIRED,
             "this is a WebSocket endpoint: connect to /ws\n",
@@ -96,7 +102,12 @@ fn route(req: Request<Incoming>, node: Arc<Node>, tasks: &TaskTracker) -> Respon
     }
 }
 
-fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, tasks: &TaskTracker) -> Response<Body> {
+fn upgrade(
+    mut req: Request<Incoming>,
+    node: Arc<Node>,
+    peer: IpAddr,
+    tasks: &TaskTracker,
+) -> Response<Body> {
     let headers = req.headers();
     let key = headers
         .get(SEC_WEBSOCKET_KEY)
@@ -131,6 +142,7 @@ fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, tasks: &TaskTracker) -> 
     };
     let protocol = handshake::subprotocol(headers);
     let token = handshake::token(req.uri(), headers, &node.config.token_cookie);
+    let client = handshake::client_address(peer, headers, &node.config.trusted_proxies);
     let upgrading = hyper::upgrade::on(&mut req);
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
@@ -147,7 +159,7 @@ fn upgrade(mut req: Request<Incoming>, node: Arc<Node>, tasks: &TaskTracker) -> 
                     Some(ws_config),
                 )
                 .await;
-                connection::serve(ws, node, token, permit).await;
+                connection::serve(ws, node, client, token, permit).await;
             }
             Err(e) => debug!(error = %e, "upgrade failed"),
         }

@@ -9,6 +9,8 @@ use prometheus::{
 pub struct Metrics {
     registry: Registry,
     pub connections: IntGauge,
+    /// 1 while the node drains.
+    pub draining: IntGauge,
     pub subscriptions: IntGauge,
     pub frames_in: IntCounter,
     pub frames_out: IntCounter,
@@ -54,6 +56,7 @@ impl Metrics {
         };
         Self {
             connections: gauge("connections", "Open client connections."),
+            draining: gauge("draining", "1 while the node drains after SIGTERM."),
             subscriptions: gauge(
                 "subscriptions",
                 "Live channel subscriptions of local clients.",

@@ -1,8 +1,8 @@
 //! The node: what every connection, listener and task of one gateway process shares.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
@@ -28,8 +28,11 @@ pub struct Node {
     pub capacity: Arc<Semaphore>,
     /// Set on SIGTERM: readiness fails and new sockets are refused.
     pub draining: AtomicBool,
-    /// Cancelled when every connection is to close with 1001.
+    /// Cancelled when every connection is to close with 1001, each in its slot of the window.
     pub closing: CancellationToken,
+    /// Connections open when the drain began, and slots of the drain window taken so far.
+    drain_total: AtomicUsize,
+    drain_slots: AtomicUsize,
     connection_ids: AtomicU64,
 }
 
@@ -58,6 +61,8 @@ impl Node {
             verifier,
             draining: AtomicBool::new(false),
             closing: CancellationToken::new(),
+            drain_total: AtomicUsize::new(0),
+            drain_slots: AtomicUsize::new(0),
             connection_ids: AtomicU64::new(1),
         }
     }
@@ -68,6 +73,24 @@ impl Node {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Starts closing every connection with 1001, spread evenly over the drain window so that
+    /// the other nodes do not take every reconnect at once.
+    pub fn close_all(&self) {
+        let open = usize::try_from(self.metrics.connections.get()).unwrap_or(0);
+        self.drain_total.store(open.max(1), Ordering::Relaxed);
+        self.closing.cancel();
+    }
+
+    /// How long a connection waits before its 1001: the next evenly spaced slot of the window.
+    pub fn drain_delay(&self) -> Duration {
+        let total = self.drain_total.load(Ordering::Relaxed).max(1);
+        let slot = self
+            .drain_slots
+            .fetch_add(1, Ordering::Relaxed)
+            .min(total - 1);
+        self.config.drain_window.mul_f64(slot as f64 / total as f64)
     }
 
     /// Publishes through the broker, for clients and the admin API alike.

@@ -2,17 +2,12 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::node::Node;
-
-/// How long a drain waits for clients to finish their close handshakes.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Waits for SIGTERM or SIGINT.
 pub async fn signalled() -> std::io::Result<()> {
@@ -25,21 +20,27 @@ pub async fn signalled() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Drains the node: readiness fails, new sockets are refused, sessions are saved, and every
-/// client is closed with 1001 so that it resumes on another node. A second signal cuts it short.
-pub async fn drain(node: Arc<Node>, accept: CancellationToken, connections: TaskTracker) {
-    info!(connections = node.metrics.connections.get(), "draining");
+/// Drains the node: readiness fails at once, and after the drain delay new handshakes get 503,
+/// every session is saved in one batch, and every client is closed with 1001, spread over the
+/// drain window, so that it resumes on another node. A second signal cuts it short.
+pub async fn drain(node: Arc<Node>, connections: TaskTracker) {
+    let config = &node.config;
+    info!(connections = node.metrics.connections.get(), delay = ?config.drain_delay, "draining");
     node.draining.store(true, Ordering::Relaxed);
-    accept.cancel();
+    node.metrics.draining.set(1);
+    tokio::select! {
+        () = tokio::time::sleep(config.drain_delay) => {}
+        _ = signalled() => return warn!("second signal: exiting now"),
+    }
     node.sessions.save(true).await;
-    node.closing.cancel();
+    node.close_all();
     connections.close();
     tokio::select! {
-        () = connections.wait() => info!("drained"),
-        () = tokio::time::sleep(DRAIN_TIMEOUT) => {
-            warn!(connections = node.metrics.connections.get(), "drain timeout: connections still open");
+        () = connections.wait() => info!("drained: every client closed"),
+        () = tokio::time::sleep(config.drain_timeout) => {
+            warn!(connections = node.metrics.connections.get(), "drain timeout: exiting with connections still open");
         }
-        _ = signalled() => warn!("second signal: exiting now"),
+        _ = signalled() => warn!(connections = node.metrics.connections.get(), "second signal: exiting now"),
     }
     node.sessions.save(false).await;
 }
