@@ -1,0 +1,153 @@
+//! SIGTERM drains a node: readiness fails at once, new handshakes are refused, every client is
+//! closed with 1001 and resumes on another node with every message exactly once.
+
+mod common;
+mod redis_server;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{channel, position, Client, Gateway, DEADLINE};
+use redis_server::RedisServer;
+use shared::ServerFrame;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+const CLIENTS: usize = 40;
+const MESSAGES: u64 = 150;
+
+/// Reads `channel` until seq `MESSAGES`; on close 1001 resumes on `other` from its last seq.
+/// Returns every seq received, and whether a 1001 came.
+async fn follow(
+    mut client: Client,
+    other: Arc<Gateway>,
+    session: String,
+    channel: String,
+    epoch: String,
+) -> (Vec<u64>, bool) {
+    let mut seqs = Vec::new();
+    let mut drained = false;
+    while seqs.last() != Some(&MESSAGES) {
+        match client.next_message().await {
+            Some(Ok(Message::Text(text))) => {
+                match serde_json::from_str(&text).expect("a server frame") {
+                    ServerFrame::Message { seq, .. } => seqs.push(seq),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1001, "{frame:?}");
+                assert!(!drained, "closed twice");
+                drained = true;
+                client = other.connect().await;
+                let last = seqs.last().copied().unwrap_or(0);
+                let since = BTreeMap::from([(channel.clone(), position(last, Some(&epoch)))]);
+                let welcome = client.resume(None, &session, since).await;
+                assert!(
+                    welcome.resumed && welcome.channels[&channel].recovered,
+                    "{welcome:?}"
+                );
+                assert_eq!(welcome.node, other.node);
+            }
+            Some(Ok(_)) => {}
+            other => panic!("the connection ended without a close frame: {other:?}"),
+        }
+    }
+    (seqs, drained)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_every_client_to_another_node_with_nothing_lost() {
+    let redis = RedisServer::start(false);
+    let url = redis.url();
+    let drain = [
+        "--drain-delay",
+        "300ms",
+        "--drain-window",
+        "1s",
+        "--drain-timeout",
+        "15s",
+    ];
+    let mut a = Gateway::start(
+        &[
+            &["--redis-url", &url, "--node-id", "drain-a"][..],
+            &drain[..],
+        ]
+        .concat(),
+    );
+    let b = Arc::new(Gateway::start(&[
+        "--redis-url",
+        &url,
+        "--node-id",
+        "drain-b",
+    ]));
+    let news = channel("drain");
+
+    let mut followers = Vec::new();
+    for _ in 0..CLIENTS {
+        let (mut client, welcome) = a.connect_hello().await;
+        let subscribed = client.subscribe(&news).await;
+        followers.push(tokio::spawn(follow(
+            client,
+            b.clone(),
+            welcome.session,
+            news.clone(),
+            subscribed.epoch,
+        )));
+    }
+
+    let publisher = {
+        let b = b.clone();
+        let news = news.clone();
+        tokio::spawn(async move {
+            let mut admin = b.admin().await;
+            for n in 1..=MESSAGES {
+                let published = admin.publish_ok(&news, &n.to_string()).await;
+                assert_eq!(published.seq, n);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+
+    // Mid-stream.
+    b.wait_metric("bgw_published_total", 30.0).await;
+    a.terminate();
+    let until = Instant::now() + Duration::from_secs(1);
+    loop {
+        let (status, body) = a.get("/readyz").await;
+        if status == 503 {
+            assert!(body.contains("\"draining\""), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "/readyz still {status} a second after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = a.try_connect(a.request("")).await;
+    assert!(
+        matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 503),
+        "a draining node refuses new sockets with 503: {:?}",
+        refused.map(|_| ())
+    );
+
+    let status = a.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "the drained node exits 0: {status:?}");
+    assert!(a.logs().contains("drained"), "{}", a.logs());
+
+    publisher.await.expect("the publisher finished");
+    for follower in followers {
+        let (seqs, drained) = tokio::time::timeout(DEADLINE * 3, follower)
+            .await
+            .expect("every client got every message")
+            .expect("the client task did not panic");
+        assert!(drained, "every client saw close 1001");
+        assert_eq!(
+            seqs,
+            (1..=MESSAGES).collect::<Vec<_>>(),
+            "every message exactly once, in order"
+        );
+    }
+}
