@@ -343,6 +343,15 @@ pub struct ErrorReply {
 }
 
 impl Client {
+    /// A client over a WebSocket a test opened itself (through a proxy, say).
+    pub fn from_parts(ws: Ws, response: Response) -> Client {
+        Client {
+            ws,
+            response,
+            next_id: 1,
+        }
+    }
+
     pub async fn send(&mut self, frame: &ClientFrame) {
         let text = serde_json::to_string(frame).expect("client frames serialise");
         self.send_text(&text).await;
