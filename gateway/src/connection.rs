@@ -165,12 +165,17 @@ impl Connection {
                 .inc();
         }
         // Read on until the client answers the close (or the peer's close is answered), so that
-        // the close frame is not lost to a reset of unread input.
+        // the close frame is not lost to a reset of unread input. After a read error the stream
+        // has ended at once: wait for the writer to send the close frame, which it would lose if
+        // the connection ended now.
         let _ = timeout(CLOSE_LINGER, async {
             while let Some(Ok(message)) = stream.next().await {
                 if message.is_close() {
                     break;
                 }
+            }
+            if self.outbound.closing().is_some() {
+                self.outbound.close_written().await;
             }
         })
         .await;
@@ -339,7 +344,8 @@ impl Connection {
             session: session_id,
             node: node.id.clone(),
             resumed: resumed.is_some(),
-            heartbeat: node.config.heartbeat_interval.as_secs(),
+            // Whole seconds, rounded up: an interval under a second is not 0 (no heartbeat).
+            heartbeat: node.config.heartbeat_interval.as_millis().div_ceil(1000) as u64,
             channels,
         });
         for p in prepared {
@@ -609,6 +615,7 @@ async fn write<S>(
                 reason: close.reason.into(),
             };
             let _ = timeout(CLOSE_LINGER, sink.send(Message::Close(Some(frame)))).await;
+            outbound.set_close_written();
             debug!(lived = ?started.elapsed(), "close sent");
             return std::future::pending().await;
         }

@@ -182,7 +182,9 @@ impl Hub {
                 break;
             }
             if let Some(frame) = MessageFrame::encode(&prepared.channel, seq, &data) {
-                subscriber.outbound.push(Frame::Message(Arc::new(frame)));
+                subscriber
+                    .outbound
+                    .push_replay(Frame::Message(Arc::new(frame)));
             }
         }
         // The replay ends at the start; held live messages take over after it.

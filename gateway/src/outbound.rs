@@ -57,6 +57,8 @@ pub struct Outbound {
     limit: usize,
     state: Mutex<State>,
     wake: Notify,
+    /// Told when the writer is done with the close frame (sent, or given up on).
+    close_written: Notify,
 }
 
 #[derive(Default)]
@@ -64,6 +66,7 @@ struct State {
     frames: VecDeque<Frame>,
     bytes: usize,
     close: Option<Close>,
+    close_written: bool,
 }
 
 impl Outbound {
@@ -72,6 +75,7 @@ impl Outbound {
             limit,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            close_written: Notify::new(),
         }
     }
 
@@ -95,6 +99,23 @@ impl Outbound {
             return false;
         }
         state.bytes += len;
+        state.frames.push_back(frame);
+        let first = state.frames.len() == 1;
+        drop(state);
+        if first {
+            self.wake.notify_waiters();
+        }
+        true
+    }
+
+    /// Queues a message replayed from history without counting it against the limit: a replay
+    /// is bounded by the channel's history instead, and a client that resumes after a 4030 has at
+    /// least a queue's worth of messages to replay, which must not close it again.
+    pub fn push_replay(&self, frame: Frame) -> bool {
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            return false;
+        }
         state.frames.push_back(frame);
         let first = state.frames.len() == 1;
         drop(state);
@@ -135,6 +156,23 @@ impl Outbound {
                     }
                     return state.close;
                 }
+            }
+            notified.await;
+        }
+    }
+
+    /// The writer is done with the close frame.
+    pub fn set_close_written(&self) {
+        self.state.lock().close_written = true;
+        self.close_written.notify_waiters();
+    }
+
+    /// Resolves once the writer is done with the close frame.
+    pub async fn close_written(&self) {
+        loop {
+            let notified = self.close_written.notified();
+            if self.state.lock().close_written {
+                return;
             }
             notified.await;
         }
