@@ -151,3 +151,48 @@ async fn sigterm_drains_every_client_to_another_node_with_nothing_lost() {
         );
     }
 }
+
+/// A second SIGTERM ends the drain at once, whatever its delay.
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let mut node = Gateway::start(&[
+        "--drain-delay",
+        "60s",
+        "--drain-window",
+        "1s",
+        "--drain-timeout",
+        "60s",
+    ]);
+    let (_client, _) = node.connect_hello().await;
+    node.terminate();
+    let until = Instant::now() + DEADLINE;
+    while node.get("/readyz").await.0 != 503 {
+        assert!(Instant::now() < until, "/readyz never failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.terminate();
+    let status = node.wait_exit(DEADLINE).await;
+    assert!(status.success(), "{status:?}");
+    assert!(node.logs().contains("second signal"), "{}", node.logs());
+}
+
+/// A client that never answers the close does not hold the node past the drain timeout, and
+/// the node says what was still open.
+#[tokio::test]
+async fn the_drain_timeout_ends_a_drain_that_clients_hold_up() {
+    let mut node = Gateway::start(&[
+        "--drain-delay",
+        "0s",
+        "--drain-window",
+        "100ms",
+        "--drain-timeout",
+        "1s",
+    ]);
+    let mut silent = common::RawWs::connect(node.client_addr).await;
+    silent.send_text(r#"{"type":"hello"}"#).await;
+    node.wait_metric("bgw_connections", 1.0).await;
+    node.terminate();
+    let status = node.wait_exit(DEADLINE).await;
+    assert!(status.success(), "{status:?}");
+    assert!(node.logs().contains("drain timeout"), "{}", node.logs());
+}
