@@ -718,16 +718,34 @@ fn parse_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
     Some((buf[0] & 0x0f, buf[start..start + len].to_vec(), start + len))
 }
 
-/// Sends a raw HTTP/1.1 request (it should carry `Connection: close`) and returns the status
-/// and the whole response.
+/// Sends a raw HTTP/1.1 request and returns the status and the response (head and body, as
+/// long as its Content-Length says; to the end of the stream without one).
 pub async fn http_raw(addr: SocketAddr, request: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut response = Vec::new();
-    timeout(DEADLINE, stream.read_to_end(&mut response))
+    let read = async {
+        loop {
+            if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
+                let length = head.lines().find_map(|line| {
+                    line.strip_prefix("content-length:")
+                        .and_then(|n| n.trim().parse::<usize>().ok())
+                });
+                if length.is_some_and(|n| response.len() >= end + 4 + n) {
+                    return;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => response.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    timeout(DEADLINE, read)
         .await
-        .expect("HTTP response timed out")
-        .expect("read");
+        .expect("HTTP response timed out");
     let response = String::from_utf8_lossy(&response).into_owned();
     let status = response
         .split_whitespace()
