@@ -46,7 +46,13 @@ async fn publish(args: gateway::config::PublishArgs) -> anyhow::Result<ExitCode>
     };
     let data: Box<serde_json::value::RawValue> = serde_json::from_str(data.trim())
         .map_err(|e| anyhow::anyhow!("the message is not JSON: {e}"))?;
-    let body = serde_json::json!({"channel": args.channel, "data": data}).to_string();
+    // `data` goes in as given: through a `serde_json::Value` its keys would be sorted and its
+    // spacing dropped, and subscribers get the bytes that were published.
+    let body = format!(
+        r#"{{"channel":{},"data":{}}}"#,
+        serde_json::to_string(&args.channel)?,
+        data.get()
+    );
     let key = args.api_key.as_ref().map(|k| k.expose());
     let (status, body) = admin_client::request(
         &args.admin_url,
