@@ -11,6 +11,8 @@ use ipnet::IpNet;
 
 #[derive(Debug, Parser)]
 #[command(name = "gateway", version, about = "WebSocket broadcast gateway")]
+// A flag given twice takes its last value, so that a wrapper's defaults can be overridden.
+#[command(args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod channel;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod close;
 pub mod frame;
 
