@@ -186,6 +186,61 @@ mod tests {
     }
 
     #[test]
+    fn origin_edges() {
+        let none: &[String] = &[];
+        // Hosts compare without regard to case, ports included.
+        assert!(origin_allowed(
+            &headers(&[("host", "GW:8080"), ("origin", "http://gw:8080")]),
+            none
+        ));
+        assert!(!origin_allowed(
+            &headers(&[("host", "gw:8080"), ("origin", "http://gw:8081")]),
+            none
+        ));
+        assert!(!origin_allowed(&headers(&[("origin", "http://gw")]), none));
+        let list = ["HTTPS://*.Example.org".to_string()];
+        assert!(origin_allowed(
+            &headers(&[("origin", "https://A.example.ORG")]),
+            &list
+        ));
+        assert!(!origin_allowed(
+            &headers(&[("origin", "https://a.example.org:8443")]),
+            &list
+        ));
+        assert!(!origin_allowed(
+            &headers(&[("origin", "https://.example.org")]),
+            &list
+        ));
+        // Bytes that are not visible ASCII: refused, never a panic.
+        let mut odd = HeaderMap::new();
+        odd.insert(
+            ORIGIN,
+            HeaderValue::from_bytes(b"https://\xe9.example.org").unwrap(),
+        );
+        odd.insert(HOST, HeaderValue::from_bytes(b"\xe9.example.org").unwrap());
+        assert!(!origin_allowed(&odd, none));
+        assert!(!origin_allowed(&odd, &list));
+    }
+
+    #[test]
+    fn token_edges() {
+        let ws: Uri = "/ws".parse().unwrap();
+        // A cookie value keeps its `=` (base64 padding); the name must match exactly.
+        let cookies = headers(&[("cookie", "xbgw_token=no; bgw_token=ab==")]);
+        assert_eq!(token(&ws, &cookies, "bgw_token").as_deref(), Some("ab=="));
+        // The query wins over the cookie.
+        let uri: Uri = "/ws?token=q".parse().unwrap();
+        assert_eq!(token(&uri, &cookies, "bgw_token").as_deref(), Some("q"));
+        // Cookies may come in several headers.
+        let mut split = headers(&[("cookie", "a=b")]);
+        split.append(COOKIE, HeaderValue::from_static("bgw_token=\"c\""));
+        assert_eq!(token(&ws, &split, "bgw_token").as_deref(), Some("c"));
+        let mut odd = HeaderMap::new();
+        odd.insert(COOKIE, HeaderValue::from_bytes(b"bgw_token=\xff").unwrap());
+        assert_eq!(token(&ws, &odd, "bgw_token"), None);
+    }
+
+    #[test]
     fn subprotocols() {
         assert!(subprotocol(&headers(&[("sec-websocket-protocol", "x, bgw.v1")])).is_some());
         assert!(subprotocol(&headers(&[("sec-websocket-protocol", "x")])).is_none());
