@@ -1,0 +1,144 @@
+// Types of client.js, the browser client of the broadcast gateway (PROTOCOL.md, version 1).
+
+export type State = "CONNECTING" | "OPEN" | "RECONNECTING" | "CLOSED";
+export const CONNECTING: "CONNECTING";
+export const OPEN: "OPEN";
+export const RECONNECTING: "RECONNECTING";
+export const CLOSED: "CLOSED";
+
+/** Any JSON value. */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+/** A position in a channel's sequence. */
+export interface Position {
+  seq: number;
+  epoch?: string;
+}
+
+/** The timers the client uses; tests pass a fake one. */
+export interface Clock {
+  setTimeout(fn: () => void, ms: number): unknown;
+  clearTimeout(id: unknown): void;
+}
+
+/** The part of the browser's WebSocket the client uses. */
+export interface SocketLike {
+  readonly bufferedAmount: number;
+  onopen: ((event: unknown) => void) | null;
+  onmessage: ((event: { data: unknown }) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  onerror: ((event: unknown) => void) | null;
+  send(text: string): void;
+  close(code?: number, reason?: string): void;
+}
+
+export interface Options {
+  /** The gateway's WebSocket URL. Default: `/ws` on the page's own server (ws: or wss:). */
+  url?: string;
+  /**
+   * The token sent in `hello`, or a callback asked before every connection (it may return a
+   * promise). Default: none (the gateway may still take a cookie).
+   */
+  token?: string | null | (() => string | null | undefined | Promise<string | null | undefined>);
+  /** Subprotocols offered. Default `["bgw.v1"]`. */
+  protocols?: string[];
+  /** First reconnect delay, ms; doubles on every failed attempt. Default 1000. */
+  minDelay?: number;
+  /** Cap of the reconnect delay, ms (before the jitter). Default 30000. */
+  maxDelay?: number;
+  /** Failed reconnects in a row before the client gives up (`reconnect_failed`). Default 10. */
+  maxAttempts?: number;
+  /** After a close 1001 (a draining node), the reconnect waits random() * this, ms. Default 500. */
+  drainJitter?: number;
+  /** A `ping` without a `pong` within this many ms drops the connection. Default 10000. */
+  pongTimeout?: number;
+  /** An attempt without `welcome` within this many ms is dropped. Default 10000. */
+  openTimeout?: number;
+  /** Publishes that may wait for a connection or a drained buffer. Default 1024. */
+  maxQueue?: number;
+  /** Publishing pauses while the socket's bufferedAmount is above this many bytes. Default 1 MiB. */
+  highWaterMark?: number;
+  /** How often a paused queue looks at bufferedAmount again, ms. Default 50. */
+  pollInterval?: number;
+  /** Default: the global timers. */
+  clock?: Clock;
+  /** A number in [0, 1). Default: `Math.random`. */
+  random?: () => number;
+  /** Default: the global `WebSocket`. */
+  WebSocket?: new (url: string, protocols?: string[]) => SocketLike;
+}
+
+export const DEFAULTS: Readonly<Required<Omit<Options, "url" | "token" | "clock" | "random" | "WebSocket">>>;
+export const realClock: Clock;
+
+/** `min(maxDelay, minDelay * 2^attempt) * (0.5 + random())`. */
+export function backoffDelay(
+  attempt: number,
+  random?: () => number,
+  options?: { minDelay: number; maxDelay: number },
+): number;
+
+export type ErrorCode =
+  | "unauthorized" // close 4001: call setToken() (or connect()) to go on
+  | "taken_over" // close 4009: another connection resumed the session; the client stops
+  | "reconnect_failed" // maxAttempts reconnects failed in a row; the client stops
+  | "token" // the token callback threw or rejected; the client retries after the backoff
+  | "socket" // the WebSocket constructor threw
+  | "server" // an `error` frame: `status` is its code (400, 401, 403, 404, 413, 429, 503)
+  | "bad_frame" // the server sent something that is not JSON
+  | "queue_full" // publish: maxQueue frames already wait
+  | "connection_lost" // publish: the connection was lost before the reply
+  | "closed"; // publish: the client was closed
+
+export class ClientError extends Error {
+  code: ErrorCode;
+  /** For `server` errors: the error code of the frame. */
+  status?: number;
+  /** For a refused subscription: its channel (the client forgets it). */
+  channel?: string;
+  /** For errors caused by a close: its code and reason. */
+  closeCode?: number | null;
+  reason?: string;
+}
+
+export interface Events {
+  state: { state: State; previous: State };
+  welcome: { session: string; node: string; resumed: boolean; heartbeat: number };
+  /**
+   * A subscription started, or restarted after a reconnect (`resumed` when the session was
+   * resumed). `recovered: false` means messages were lost: delivery goes on after `seq`.
+   */
+  subscribed: { channel: string; seq: number; epoch: string; recovered: boolean; resumed: boolean };
+  unsubscribed: { channel: string };
+  /** Each message once, in seq order per channel. */
+  message: { channel: string; seq: number; data: Json };
+  /** A reconnect is scheduled after `delay` ms; `code` is the close code that caused it, if any. */
+  reconnect: { delay: number; attempt: number; code: number | null; reason: string };
+  error: ClientError | Error;
+}
+
+export class Client {
+  constructor(options?: Options);
+  readonly state: State;
+  /** The session of the last `welcome`, resumed on reconnect. */
+  readonly session: string | null;
+  /** The node of the current connection. */
+  readonly node: string | null;
+  on<K extends keyof Events>(type: K, fn: (event: Events[K]) => void): () => void;
+  off<K extends keyof Events>(type: K, fn: (event: Events[K]) => void): void;
+  /** Connects (again), asking the token callback afresh. */
+  connect(): void;
+  /** Closes for good: no reconnect; queued and unanswered publishes fail with `closed`. */
+  close(): void;
+  /** A new token; after a close 4001 the client reconnects with it. */
+  setToken(token: Options["token"]): void;
+  /** Subscribes for the client's lifetime (across reconnects), from `since` when given. */
+  subscribe(channel: string, options?: { since?: Position }): void;
+  unsubscribe(channel: string): void;
+  /** The last delivered position of every channel. */
+  positions(): Record<string, Position>;
+  /** Resolves when the server confirms the publish. */
+  publish(channel: string, data: Json): Promise<{ channel: string; seq: number }>;
+  /** Sends a new token on the open connection, before the old one expires, and keeps it. */
+  refresh(token: string): Promise<{ expires: number | null }>;
+}
