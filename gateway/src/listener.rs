@@ -10,8 +10,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
-    SEC_WEBSOCKET_VERSION, UPGRADE,
+    HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -37,6 +37,12 @@ const READ_BUFFER: usize = 4 * 1024;
 const WRITE_BUFFER: usize = 4 * 1024;
 
 type Body = Full<Bytes>;
+
+/// The browser client (`gateway/web/`), built into the binary so that it stays a single file:
+/// a demo page at `/`, the client module and its TypeScript types.
+const INDEX_HTML: &str = include_str!("../web/index.html");
+const CLIENT_JS: &str = include_str!("../web/client.js");
+const CLIENT_D_TS: &str = include_str!("../web/client.d.ts");
 
 /// Accepts client sockets until `stop`, each served on a task that `tasks` tracks.
 pub async fn run(
@@ -94,10 +100,13 @@ fn route(
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     match req.uri().path() {
         "/ws" if is_upgrade => upgrade(req, node, peer, tasks),
-        "/ws" | "/" => status(
+        "/ws" => status(
             StatusCode::UPGRADE_REQUIRED,
             "this is a WebSocket endpoint: connect to /ws\n",
         ),
+        "/" => file("text/html; charset=utf-8", INDEX_HTML),
+        "/client.js" => file("text/javascript; charset=utf-8", CLIENT_JS),
+        "/client.d.ts" => file("text/plain; charset=utf-8", CLIENT_D_TS),
         _ => status(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -176,6 +185,15 @@ fn upgrade(
     if let Some(protocol) = protocol {
         headers.insert(SEC_WEBSOCKET_PROTOCOL, protocol);
     }
+    response
+}
+
+/// One of the built-in files; `no-cache` so that a browser picks up a new binary's version.
+fn file(content_type: &'static str, body: &'static str) -> Response<Body> {
+    let mut response = status(StatusCode::OK, body);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 

@@ -166,7 +166,7 @@ async fn plain_http_gets_426_and_unknown_paths_404() {
             gw.client_addr
         )
     };
-    for path in ["/ws", "/", "/ws?token=x"] {
+    for path in ["/ws", "/ws?token=x"] {
         let (status, response) = http_raw(gw.client_addr, &get(path)).await;
         assert_eq!(status, 426, "{path}: {response}");
         assert!(
