@@ -35,7 +35,8 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// How a [`Client`] connects and reconnects.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    pub url: String,
+    /// Where to connect; each reconnect tries the next one (nodes, or one load balancer).
+    pub urls: Vec<String>,
     pub token: Option<String>,
     /// The first reconnect delay; each failed attempt doubles it, up to `max_backoff`. Every
     /// delay is multiplied by (0.5 + a random number below 1), so clients spread out.
@@ -52,7 +53,7 @@ pub struct ClientConfig {
 impl ClientConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
-            url: url.into(),
+            urls: vec![url.into()],
             token: None,
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
@@ -171,6 +172,8 @@ struct State {
     /// Frames waiting for a connection.
     queued: VecDeque<ClientFrame>,
     next_id: u64,
+    /// Connection attempts so far: which URL is next.
+    connects: usize,
 }
 
 enum Ended {
@@ -248,9 +251,11 @@ async fn connect(
     events: &mpsc::Sender<Event>,
 ) -> Result<Ws, ConnectError> {
     let other = |e: &dyn std::fmt::Display| ConnectError::Other(e.to_string());
+    let url = &config.urls[state.connects % config.urls.len().max(1)];
+    state.connects += 1;
     let (mut ws, _) = timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async(config.url.as_str()),
+        tokio_tungstenite::connect_async(url.as_str()),
     )
     .await
     .map_err(|e| other(&e))?

@@ -1,0 +1,212 @@
+//! `fanout`: S subscribers over C channels, R publishes a second for T seconds through the admin
+//! API, each payload carrying its send time: deliveries a second, latency, and lost, repeated
+//! and out-of-order messages.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args as ClapArgs;
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::admin::Admin;
+use crate::report::{latency, progress, Report};
+use crate::socket::{self, message_seq_and_time, now_micros, Targets};
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    targets: Targets,
+    /// Subscribers.
+    #[arg(short = 's', long, default_value_t = 100)]
+    subscribers: usize,
+    /// Channels; subscriber i listens to channel i mod C.
+    #[arg(short = 'c', long, default_value_t = 1)]
+    channels: usize,
+    /// Publishes a second, over all channels.
+    #[arg(short = 'r', long, default_value_t = 100)]
+    rate: u64,
+    /// How long to publish.
+    #[arg(short = 't', long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Payload bytes of each message (at least the send time's ~25).
+    #[arg(short = 'p', long, default_value_t = 64)]
+    payload: usize,
+    /// Publishing connections to the admin API.
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// How long subscribers may take to receive the last messages after publishing stops.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+}
+
+/// What one subscriber saw.
+struct Seen {
+    received: u64,
+    repeated: u64,
+    out_of_order: u64,
+    unique: u64,
+    latency_us: Histogram<u64>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<Report> {
+    let run = format!("fan.{:08x}", rand::random::<u32>());
+    let channel = |i: usize| format!("{run}.{}", i % args.channels);
+    let targets = Arc::new(args.targets.clone());
+    let (stop, stopped) = watch::channel(false);
+    let delivered = Arc::new(AtomicU64::new(0));
+
+    let bar = progress(args.subscribers as u64, "subscribing");
+    let mut subscribers = Vec::with_capacity(args.subscribers);
+    for i in 0..args.subscribers {
+        let mut ws = targets.open(i).await?;
+        socket::hello(&mut ws, json!({"type": "hello"})).await?;
+        socket::send(&mut ws, json!({"type": "subscribe", "channel": channel(i)})).await?;
+        let subscribed = socket::recv(&mut ws).await?;
+        anyhow::ensure!(subscribed["type"] == "subscribed", "{subscribed}");
+        let start = subscribed["seq"].as_u64().unwrap_or(0);
+        subscribers.push(tokio::spawn(subscriber(
+            ws,
+            start,
+            stopped.clone(),
+            delivered.clone(),
+        )));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    // Publish: message k goes to channel k mod C at start + k/R.
+    let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
+    let pad = "x".repeat(args.payload.saturating_sub(30));
+    let bar = progress(total, "publishing");
+    let started = Instant::now();
+    let mut publishers = Vec::new();
+    for p in 0..args.publishers.max(1) {
+        let mut admin = Admin::connect(&args.targets.admin[p % args.targets.admin.len()]).await?;
+        let (bar, pad, channels) = (
+            bar.clone(),
+            pad.clone(),
+            (0..args.channels).map(channel).collect::<Vec<_>>(),
+        );
+        let (rate, step) = (args.rate.max(1), args.publishers.max(1) as u64);
+        publishers.push(tokio::spawn(async move {
+            let mut published = vec![0u64; channels.len()];
+            let mut errors = 0u64;
+            let mut k = p as u64;
+            while k < total {
+                let due = started + Duration::from_secs_f64(k as f64 / rate as f64);
+                tokio::time::sleep_until(due.into()).await;
+                let c = (k % channels.len() as u64) as usize;
+                let data = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_micros());
+                match admin.publish(&channels[c], &data).await {
+                    Ok(_) => published[c] += 1,
+                    Err(_) => errors += 1,
+                }
+                bar.inc(1);
+                k += step;
+            }
+            (published, errors)
+        }));
+    }
+    let mut published = vec![0u64; args.channels];
+    let mut publish_errors = 0;
+    for task in publishers {
+        let (counts, errors) = task.await?;
+        published
+            .iter_mut()
+            .zip(counts)
+            .for_each(|(sum, n)| *sum += n);
+        publish_errors += errors;
+    }
+    let publishing = started.elapsed();
+    bar.finish_and_clear();
+
+    // Wait until every subscriber has what its channel got, or the grace period ends.
+    let expected: u64 = (0..args.subscribers)
+        .map(|i| published[i % args.channels])
+        .sum();
+    let until = Instant::now() + args.grace;
+    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop.send(true);
+
+    let mut histogram = Histogram::<u64>::new(3)?;
+    let (mut received, mut repeated, mut out_of_order, mut unique) = (0, 0, 0, 0);
+    for task in subscribers {
+        let seen = task.await??;
+        received += seen.received;
+        repeated += seen.repeated;
+        out_of_order += seen.out_of_order;
+        unique += seen.unique;
+        histogram.add(&seen.latency_us)?;
+    }
+    let lost = expected.saturating_sub(unique);
+    let mut report = Report::new("fanout");
+    report
+        .add("subscribers", args.subscribers as u64)
+        .add("channels", args.channels as u64)
+        .add("rate", args.rate)
+        .add("duration_seconds", args.duration.as_secs_f64())
+        .add("payload_bytes", args.payload as u64)
+        .add("published", published.iter().sum::<u64>())
+        .add("publish_errors", publish_errors)
+        .add("deliveries", received)
+        .add(
+            "deliveries_per_second",
+            received as f64 / publishing.as_secs_f64(),
+        )
+        .add("lost", lost)
+        .add("repeated", repeated)
+        .add("out_of_order", out_of_order);
+    latency(&mut report, &histogram);
+    Ok(report)
+}
+
+async fn subscriber(
+    mut ws: socket::Ws,
+    start: u64,
+    mut stopped: watch::Receiver<bool>,
+    delivered: Arc<AtomicU64>,
+) -> anyhow::Result<Seen> {
+    let mut seen = Seen {
+        received: 0,
+        repeated: 0,
+        out_of_order: 0,
+        unique: 0,
+        latency_us: Histogram::new(3)?,
+    };
+    let mut last = start;
+    loop {
+        let message = tokio::select! {
+            _ = stopped.changed() => break,
+            message = ws.next() => message,
+        };
+        let text = match message {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(_)) => continue,
+            _ => break,
+        };
+        let Some((seq, sent)) = message_seq_and_time(&text) else {
+            continue;
+        };
+        seen.received += 1;
+        seen.latency_us
+            .saturating_record(now_micros().saturating_sub(sent));
+        if seq <= last {
+            seen.repeated += 1;
+        } else {
+            if seq != last + 1 {
+                seen.out_of_order += 1;
+            }
+            seen.unique += 1;
+            last = seq;
+            delivered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(seen)
+}

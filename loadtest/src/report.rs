@@ -1,0 +1,73 @@
+//! The final figures of a scenario: a table for people, one JSON object for machines.
+
+use serde_json::{Map, Value};
+
+pub struct Report {
+    scenario: &'static str,
+    rows: Vec<(&'static str, Value)>,
+}
+
+impl Report {
+    pub fn new(scenario: &'static str) -> Self {
+        Self {
+            scenario,
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, name: &'static str, value: impl Into<Value>) -> &mut Self {
+        self.rows.push((name, value.into()));
+        self
+    }
+
+    pub fn print(&self, json: bool) {
+        if json {
+            let mut object = Map::new();
+            object.insert("scenario".into(), self.scenario.into());
+            for (name, value) in &self.rows {
+                object.insert((*name).into(), value.clone());
+            }
+            println!("{}", Value::Object(object));
+            return;
+        }
+        let width = self
+            .rows
+            .iter()
+            .map(|(name, _)| name.len())
+            .max()
+            .unwrap_or(0);
+        println!("{}", self.scenario);
+        for (name, value) in &self.rows {
+            let shown = match value {
+                Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or(0.0)),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("  {name:<width$}  {shown}");
+        }
+    }
+}
+
+/// Latency percentiles of a histogram of microseconds, in milliseconds.
+pub fn latency(report: &mut Report, histogram: &hdrhistogram::Histogram<u64>) {
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    report
+        .add("latency_p50_ms", ms(0.5))
+        .add("latency_p90_ms", ms(0.9))
+        .add("latency_p99_ms", ms(0.99))
+        .add("latency_p999_ms", ms(0.999))
+        .add("latency_max_ms", histogram.max() as f64 / 1000.0);
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{elapsed_precise}] {wide_bar} {pos}/{len}",
+        )
+        .expect("a valid template"),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}

@@ -1,0 +1,120 @@
+//! Client sockets spread over targets and local source addresses (127.0.0.x), because one
+//! source address has only ~28k ephemeral ports towards one target.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::Context;
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::{lookup_host, TcpSocket};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+pub type Ws = WebSocketStream<tokio::net::TcpStream>;
+
+#[derive(Args, Clone, Debug)]
+pub struct Targets {
+    /// WebSocket URLs of the nodes (or of nginx), comma-separated; clients are spread over them.
+    #[arg(long, value_delimiter = ',', default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: Vec<String>,
+    /// Admin URLs of the nodes, comma-separated: publishes and stats go there.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:9090")]
+    pub admin: Vec<String>,
+    /// Local source addresses of client sockets, comma-separated (127.0.0.1,127.0.0.2,...).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    pub sources: Vec<IpAddr>,
+}
+
+impl Targets {
+    /// Opens the `i`th client socket: target and source chosen round robin.
+    pub async fn open(&self, i: usize) -> anyhow::Result<Ws> {
+        let url = &self.url[i % self.url.len()];
+        let source = self.sources[(i / self.url.len()) % self.sources.len()];
+        let authority = url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .context("a ws:// URL")?;
+        let addr: SocketAddr = lookup_host(authority)
+            .await?
+            .next()
+            .context("the target resolves")?;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (ws, _) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
+        Ok(ws)
+    }
+}
+
+/// Sends a JSON frame.
+pub async fn send(ws: &mut Ws, frame: Value) -> anyhow::Result<()> {
+    ws.send(Message::text(frame.to_string())).await?;
+    Ok(())
+}
+
+/// The next text frame, parsed.
+pub async fn recv(ws: &mut Ws) -> anyhow::Result<Value> {
+    loop {
+        match ws.next().await.context("the connection closed")?? {
+            Message::Text(text) => return Ok(serde_json::from_str(&text)?),
+            Message::Close(frame) => anyhow::bail!("closed: {frame:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// `hello`, and the `welcome` it gets.
+pub async fn hello(ws: &mut Ws, hello: Value) -> anyhow::Result<Value> {
+    send(ws, hello).await?;
+    let welcome = recv(ws).await?;
+    anyhow::ensure!(
+        welcome["type"] == "welcome",
+        "expected welcome, got {welcome}"
+    );
+    Ok(welcome)
+}
+
+/// The seq of a `message` frame and the send time its data carries (`{"t": micros, ...}`),
+/// read without parsing the whole frame: at a million deliveries a second, the measuring
+/// client must cost less than the gateway it measures.
+pub fn message_seq_and_time(text: &str) -> Option<(u64, u64)> {
+    fn number_after(text: &str, key: &str) -> Option<(u64, usize)> {
+        let start = text.find(key)? + key.len();
+        let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
+        Some((text[start..start + digits].parse().ok()?, start + digits))
+    }
+    if !text.starts_with(r#"{"type":"message""#) {
+        return None;
+    }
+    let (seq, end) = number_after(text, r#""seq":"#)?;
+    let (sent, _) = number_after(&text[end..], r#""t":"#)?;
+    Some((seq, sent))
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_seq_and_time() {
+        let text =
+            r#"{"type":"message","channel":"c.1","seq":42,"data":{"t":1700000000123456,"p":"xx"}}"#;
+        assert_eq!(
+            super::message_seq_and_time(text),
+            Some((42, 1_700_000_000_123_456))
+        );
+        assert_eq!(super::message_seq_and_time(r#"{"type":"pong"}"#), None);
+    }
+}

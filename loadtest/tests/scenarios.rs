@@ -1,0 +1,198 @@
+//! A short run of every scenario against real nodes: small numbers, seconds, and nothing lost.
+//! These check the tool and the gateway's guarantees; they never assert a speed.
+
+#[path = "../../gateway/tests/redis_server/mod.rs"]
+mod redis_server;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use redis_server::{free_port, wait_for, RedisServer};
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The gateway binary next to this package's `loadtest`, built first when it is missing.
+fn gateway_binary() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadtest"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let binary = dir.join("gateway");
+    if !binary.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "gateway", "--bin", "gateway"]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        assert!(
+            build.status().expect("cargo runs").success(),
+            "building the gateway failed"
+        );
+    }
+    binary
+}
+
+/// A gateway process on free loopback ports, killed by its pid when dropped.
+struct Node {
+    child: Child,
+    client: u16,
+    admin: u16,
+}
+
+impl Node {
+    fn start(flags: &[&str]) -> Self {
+        let (client, admin) = (free_port(), free_port());
+        let child = Command::new(gateway_binary())
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{client}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .args(flags)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the gateway runs");
+        wait_for(DEADLINE, || {
+            std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok()
+        });
+        Self {
+            child,
+            client,
+            admin,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.client)
+    }
+
+    fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `loadtest SCENARIO ARGS --json` and returns its figures.
+fn loadtest(args: &[&str]) -> Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(args)
+        .arg("--json")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("loadtest runs");
+    assert!(output.status.success(), "loadtest {args:?} failed");
+    serde_json::from_slice(&output.stdout).expect("one JSON object")
+}
+
+#[test]
+fn connections_open_and_are_counted() {
+    let node = Node::start(&[]);
+    let (url, admin) = (node.url(), node.admin_url());
+    let report = loadtest(&[
+        "connections",
+        "--url",
+        &url,
+        "--admin",
+        &admin,
+        "-n",
+        "200",
+        "--hold",
+        "200ms",
+    ]);
+    assert_eq!(report["connections"], 200, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["held_by_nodes"], 200, "{report}");
+}
+
+#[test]
+fn fanout_loses_nothing() {
+    let node = Node::start(&[]);
+    let (url, admin) = (node.url(), node.admin_url());
+    let report = loadtest(&[
+        "fanout", "--url", &url, "--admin", &admin, "-s", "20", "-c", "2", "-r", "50", "-t", "1s",
+    ]);
+    assert_eq!(report["published"], 50, "{report}");
+    assert_eq!(report["deliveries"], 500, "{report}");
+    assert_eq!(
+        (report["lost"].as_u64(), report["repeated"].as_u64()),
+        (Some(0), Some(0)),
+        "{report}"
+    );
+    assert_eq!(report["out_of_order"], 0, "{report}");
+}
+
+#[test]
+fn fanout_across_two_nodes_on_redis_loses_nothing() {
+    let redis = RedisServer::start(false);
+    let (a, b) = (
+        Node::start(&["--redis-url", &redis.url()]),
+        Node::start(&["--redis-url", &redis.url()]),
+    );
+    let urls = format!("{},{}", a.url(), b.url());
+    let admins = format!("{},{}", a.admin_url(), b.admin_url());
+    let report = loadtest(&[
+        "fanout", "--url", &urls, "--admin", &admins, "-s", "20", "-r", "50", "-t", "1s",
+    ]);
+    assert_eq!(report["deliveries"], 1000, "{report}");
+    assert_eq!(
+        (report["lost"].as_u64(), report["repeated"].as_u64()),
+        (Some(0), Some(0)),
+        "{report}"
+    );
+}
+
+#[test]
+fn churn_resumes_without_loss() {
+    let node = Node::start(&[]);
+    let (url, admin) = (node.url(), node.admin_url());
+    let report = loadtest(&[
+        "churn", "--url", &url, "--admin", &admin, "-n", "10", "-r", "50", "-t", "2s", "--drops",
+        "10",
+    ]);
+    assert!(report["resumes"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(
+        (report["lost"].as_u64(), report["repeated"].as_u64()),
+        (Some(0), Some(0)),
+        "{report}"
+    );
+    assert_eq!(report["resumes_not_recovered"], 0, "{report}");
+}
+
+#[test]
+fn drain_moves_clients_without_loss() {
+    let redis = RedisServer::start(false);
+    let drain = [
+        "--redis-url",
+        &redis.url(),
+        "--drain-delay",
+        "100ms",
+        "--drain-window",
+        "300ms",
+    ];
+    let mut a = Node::start(&drain);
+    let b = Node::start(&["--redis-url", &redis.url()]);
+    let urls = format!("{},{}", a.url(), b.url());
+    let pid = a.child.id().to_string();
+    let admin = b.admin_url();
+    let report = loadtest(&[
+        "drain", "--url", &urls, "--admin", &admin, "-n", "10", "-r", "50", "-t", "2s", "--pid",
+        &pid, "--after", "500ms", "--grace", "3s",
+    ]);
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(
+        report["clients_moved"], 5,
+        "the clients of the drained node moved: {report}"
+    );
+    assert!(a.child.wait().expect("the node exits").success());
+}
