@@ -660,21 +660,29 @@ impl RawWs {
 
     /// Reads one frame: its opcode and payload; `None` when the server closed the socket.
     pub async fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        self.try_read_frame(DEADLINE)
+            .await
+            .expect("nothing from the server within the deadline")
+    }
+
+    /// Reads one frame, or gives up after `wait` (`Err`).
+    pub async fn try_read_frame(
+        &mut self,
+        wait: Duration,
+    ) -> Result<Option<(u8, Vec<u8>)>, tokio::time::error::Elapsed> {
+        let until = Instant::now() + wait;
         loop {
             if let Some((opcode, payload, used)) = parse_frame(&self.buf) {
                 self.buf.drain(..used);
-                return Some((opcode, payload));
+                return Ok(Some((opcode, payload)));
             }
             let mut chunk = [0u8; 16 * 1024];
-            let n = match timeout(DEADLINE, self.stream.read(&mut chunk))
-                .await
-                .expect("nothing from the server within the deadline")
-            {
+            let n = match tokio::time::timeout_at(until, self.stream.read(&mut chunk)).await? {
                 Ok(n) => n,
-                Err(_) => return None,
+                Err(_) => return Ok(None),
             };
             if n == 0 {
-                return None;
+                return Ok(None);
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
@@ -718,11 +726,22 @@ fn parse_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
     Some((buf[0] & 0x0f, buf[start..start + len].to_vec(), start + len))
 }
 
-/// Sends a raw HTTP/1.1 request and returns the status and the response (head and body, as
-/// long as its Content-Length says; to the end of the stream without one).
+/// Sends a raw HTTP/1.1 request and returns the status and the response.
 pub async fn http_raw(addr: SocketAddr, request: &str) -> (u16, String) {
+    let response = http_exchange(addr, request.as_bytes()).await;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    (status, response)
+}
+
+/// Sends raw bytes and returns what came back: the head and the body, as long as its
+/// Content-Length says, or up to the end of the stream without one.
+pub async fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(request.as_bytes()).await.expect("write");
+    stream.write_all(request).await.expect("write");
     let mut response = Vec::new();
     let read = async {
         loop {
@@ -746,13 +765,7 @@ pub async fn http_raw(addr: SocketAddr, request: &str) -> (u16, String) {
     timeout(DEADLINE, read)
         .await
         .expect("HTTP response timed out");
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    (status, response)
+    String::from_utf8_lossy(&response).into_owned()
 }
 
 /// The HTTP status of a refused upgrade.
