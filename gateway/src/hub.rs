@@ -51,6 +51,10 @@ struct Subscriber {
     outbound: Arc<Outbound>,
     /// Live messages held while the subscription replays history; `None` once live.
     held: Option<Vec<Arc<MessageFrame>>>,
+    /// The last seq this subscriber was given. A message the broker had already numbered when
+    /// the subscription read its history can still reach the hub after activation: it was
+    /// replayed, and is not passed on again.
+    after: u64,
 }
 
 /// A subscription that is registered for live messages and has read its history, but has not
@@ -124,6 +128,7 @@ impl Hub {
                 Subscriber {
                     outbound: outbound.clone(),
                     held: Some(Vec::new()),
+                    after: 0,
                 },
             );
             entry.name.clone()
@@ -188,10 +193,10 @@ impl Hub {
             }
         }
         // The replay ends at the start; held live messages take over after it.
-        let mut last = prepared.seq;
+        subscriber.after = prepared.seq;
         for frame in subscriber.held.take().unwrap_or_default() {
-            if frame.seq > last {
-                last = frame.seq;
+            if frame.seq > subscriber.after {
+                subscriber.after = frame.seq;
                 subscriber.outbound.push(Frame::Message(frame));
             }
         }
@@ -389,6 +394,7 @@ impl Channel {
         .to_json()
         .into();
         for subscriber in self.subscribers.values_mut() {
+            subscriber.after = seq;
             match &mut subscriber.held {
                 // Not live yet: its replay ends where this starts; what it held is stale.
                 Some(held) => held.clear(),
@@ -422,7 +428,9 @@ impl Channel {
                     metrics.drops.with_label_values(&["slow_consumer"]).inc();
                 }
                 Some(held) => held.push(frame.clone()),
+                None if delivery.seq <= subscriber.after => {}
                 None => {
+                    subscriber.after = delivery.seq;
                     if subscriber.outbound.push(Frame::Message(frame.clone())) {
                         delivered += 1;
                     }
