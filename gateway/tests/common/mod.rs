@@ -144,13 +144,34 @@ impl Gateway {
         self.logs.lock().unwrap().clone()
     }
 
-    /// Sends SIGTERM to the process (the drain).
+    /// Sends SIGTERM to the process (the drain), once the process catches it: the node logs
+    /// its addresses a moment before it installs its signal handlers, and a SIGTERM in between
+    /// would kill it outright.
     pub fn terminate(&self) {
+        let until = std::time::Instant::now() + DEADLINE;
+        while !self.catches_sigterm() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the gateway never installed a SIGTERM handler"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let status = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -TERM {} failed", self.pid());
+    }
+
+    /// Whether the process has a handler for SIGTERM (Linux: `SigCgt` of /proc/PID/status).
+    fn catches_sigterm(&self) -> bool {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
     }
 
     /// Waits for the process to exit, up to `deadline`.
