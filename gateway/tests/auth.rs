@@ -281,7 +281,7 @@ async fn publish_patterns_limit_client_publishing() {
 async fn a_token_that_expires_during_the_connection_closes_it_4001() {
     let gw = hs256_node();
     let mut token = claims("alice", &["*"], &[]);
-    token["exp"] = json!(now() + 2);
+    token["exp"] = json!(now() + 3);
     let mut client = gw.connect().await;
     client.hello_token(&hs256(&token, SECRET)).await;
     client.ping().await;
@@ -294,7 +294,7 @@ async fn a_token_that_expires_during_the_connection_closes_it_4001() {
 async fn a_refresh_before_expiry_keeps_the_connection() {
     let gw = hs256_node();
     let mut short = claims("alice", &["*"], &[]);
-    let first_exp = now() + 2;
+    let first_exp = now() + 3;
     short["exp"] = json!(first_exp);
     let mut client = gw.connect().await;
     client.hello_token(&hs256(&short, SECRET)).await;

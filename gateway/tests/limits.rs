@@ -251,11 +251,11 @@ async fn a_client_that_answers_no_ping_is_dropped() {
 
 #[tokio::test]
 async fn a_client_that_answers_pings_stays() {
-    let gw = Gateway::start(&["--heartbeat-interval", "300ms", "--pong-timeout", "300ms"]);
+    let gw = Gateway::start(&["--heartbeat-interval", "300ms", "--pong-timeout", "1s"]);
     let (mut client, _) = gw.connect_hello().await;
-    // Five pings is 1.5 s, well past interval + pong timeout: tungstenite answers each one.
+    // Ten pings is 3 s, well past interval + pong timeout: tungstenite answers each one.
     let mut pings = 0;
-    while pings < 5 {
+    while pings < 10 {
         match client.next_message().await {
             Some(Ok(Message::Ping(_))) => pings += 1,
             other => panic!("expected pings, got {other:?}"),
