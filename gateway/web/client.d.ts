@@ -139,6 +139,9 @@ export class Client {
   positions(): Record<string, Position>;
   /** Resolves when the server confirms the publish. */
   publish(channel: string, data: Json): Promise<{ channel: string; seq: number }>;
-  /** Sends a new token on the open connection, before the old one expires, and keeps it. */
+  /**
+   * Sends a new token on the open connection, before the old one expires, and keeps it for the
+   * next `hello`. When not OPEN it is only kept, and resolves with `expires: null`.
+   */
   refresh(token: string): Promise<{ expires: number | null }>;
 }

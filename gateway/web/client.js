@@ -89,9 +89,8 @@ export class Client {
     /** The node of the current connection, from its `welcome`. */
     this.node = null;
     /**
-     * Every channel the application subscribed to: `{seq, epoch, active}`. `seq` is the last
-     * seq delivered (or the start of the subscription), `null` when unknown; `active` once the
-     * server confirmed the subscription on the current connection.
+     * Every channel the application subscribed to: `{seq, epoch}`. `seq` is the last seq
+     * delivered (or the start of the subscription), `null` when unknown.
      */
     this.channels = new Map();
     /** Publishes not yet written to a socket: `{id, text}`. */
@@ -186,7 +185,7 @@ export class Client {
    */
   subscribe(channel, { since } = {}) {
     if (this.channels.has(channel)) return;
-    this.channels.set(channel, { seq: since?.seq ?? null, epoch: since?.epoch ?? null, active: false });
+    this.channels.set(channel, { seq: since?.seq ?? null, epoch: since?.epoch ?? null });
     if (this.state === OPEN) this.sendSubscribe(channel);
   }
 
@@ -346,10 +345,11 @@ export class Client {
   subscribed(channel, position, resumed) {
     const sub = this.channels.get(channel);
     if (!sub) return;
-    sub.active = true;
     // The server replays what follows the position the client asked for, when it could
-    // (recovered); otherwise delivery goes on after the channel's current seq.
-    if (!position.recovered || sub.seq === null) sub.seq = position.seq;
+    // (recovered); otherwise delivery goes on after the channel's current seq. A subscribe
+    // without a position starts there too; a session restored without one (the subscribe's
+    // reply was lost) replays from the position the gateway stored, which the client lacks.
+    if (!position.recovered || (sub.seq === null && !resumed)) sub.seq = position.seq;
     sub.epoch = position.epoch;
     this.emit("subscribed", {
       channel,
@@ -507,7 +507,6 @@ export class Client {
     this.welcomed = false;
     for (const name of ["open", "ping", "pong", "flush"]) this.clearTimer(name);
     this.requests.clear();
-    for (const sub of this.channels.values()) sub.active = false;
     for (const [id, p] of this.pending) {
       if (p.sent) {
         this.pending.delete(id);

@@ -361,6 +361,21 @@ test("resume: session and positions in hello, restored channels, repeats dropped
   });
 });
 
+test("a subscribe answered only by the resume: the replay from the stored position is kept", () => {
+  const t = connected();
+  t.client.subscribe("news");
+  t.socket().serverClose(1006); // before its subscribed reply
+  t.clock.advance(1000);
+  t.socket().open();
+  assert.deepEqual(t.socket().sent, [{ type: "hello", session: "s1", since: {} }]);
+  t.socket().receive(
+    welcome({ resumed: true, channels: { news: { seq: 5, epoch: "E", recovered: true } } }),
+  );
+  for (const seq of [4, 5, 6]) t.socket().receive({ type: "message", channel: "news", seq, data: seq });
+  assert.deepEqual(t.of("message").map((m) => m.seq), [4, 5, 6]);
+  assert.deepEqual(t.client.positions(), { news: { seq: 6, epoch: "E" } });
+});
+
 test("a lost session: subscribe again from the positions, recovered: false is reported", () => {
   const t = connected();
   t.client.subscribe("news");
