@@ -152,7 +152,7 @@ pub struct Config {
 
     /// Proxies (IPs or CIDRs, comma-separated) whose X-Forwarded-For names the client. The
     /// header of anyone else is ignored, so that clients cannot choose their own address.
-    #[arg(long, env = "BGW_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(long, env = "BGW_TRUSTED_PROXIES", value_delimiter = ',', value_parser = ip_or_net)]
     pub trusted_proxies: Vec<IpNet>,
 
     /// Log format.
@@ -242,6 +242,24 @@ impl FromStr for Secret {
     }
 }
 
+/// An address (`10.0.0.7`, one host) or a network (`10.0.0.0/8`).
+fn ip_or_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{s}` is neither an IP address nor a CIDR network"))
+}
+
+/// Clears `BGW_` variables that are set but empty, so that `BGW_API_KEY=` means no key rather
+/// than an empty one (compose files and manifests often pass variables through empty). Call it
+/// before any thread starts.
+pub fn forget_empty_env() {
+    for (name, value) in std::env::vars_os() {
+        if value.is_empty() && name.to_string_lossy().starts_with("BGW_") {
+            std::env::remove_var(name);
+        }
+    }
+}
+
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
@@ -277,6 +295,20 @@ mod tests {
         assert_eq!(config.hello_timeout, Duration::from_millis(500));
         assert_eq!(config.session_ttl, Duration::from_secs(300));
         assert_eq!(config.allowed_origins.len(), 2);
+    }
+
+    #[test]
+    fn proxies_are_hosts_or_networks() {
+        let cli = Cli::try_parse_from(["gateway", "--trusted-proxies", "127.0.0.1,10.0.0.0/8,::1"])
+            .unwrap();
+        let nets: Vec<String> = cli
+            .serve
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]);
+        assert!(Cli::try_parse_from(["gateway", "--trusted-proxies", "nope"]).is_err());
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             (embedded, events, "embedded")
         }
     };
+    let mut signals = shutdown::Signals::install()?;
+    raise_open_file_limit();
     let client = TcpListener::bind(config.listen).await?;
     let admin = TcpListener::bind(config.admin_listen).await?;
     let node = Arc::new(Node::new(node_id, config, broker, verifier, metrics));
@@ -100,10 +102,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         connections.clone(),
     ));
 
-    shutdown::signalled().await?;
-    shutdown::drain(node, connections).await;
+    signals.next().await;
+    shutdown::drain(node, connections, &mut signals).await;
     background.cancel();
     Ok(())
+}
+
+/// Every socket is a file descriptor: the soft limit (often 1024 in containers) goes up to the
+/// hard limit, which is what bounds a node's connections.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
 }
 
 /// Passes the broker's events to the hub and the sessions, in order.

@@ -7,15 +7,24 @@ use gateway::config::{Cli, Command, Config, LogFormat};
 use hyper::{Method, StatusCode};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    gateway::config::forget_empty_env();
     let cli = Cli::parse();
-    let result = match cli.command {
-        None => serve(cli.serve).await,
-        Some(Command::Serve(config)) => serve(*config).await,
-        Some(Command::Publish(args)) => publish(args).await,
-        Some(Command::Health(args)) => health(&args.admin_url).await,
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
     };
+    let result = runtime.block_on(async {
+        match cli.command {
+            None => serve(cli.serve).await,
+            Some(Command::Serve(config)) => serve(*config).await,
+            Some(Command::Publish(args)) => publish(args).await,
+            Some(Command::Health(args)) => health(&args.admin_url).await,
+        }
+    });
     match result {
         Ok(code) => code,
         Err(e) => {

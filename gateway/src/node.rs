@@ -63,7 +63,9 @@ impl Node {
             closing: CancellationToken::new(),
             drain_total: AtomicUsize::new(0),
             drain_slots: AtomicUsize::new(0),
-            connection_ids: AtomicU64::new(1),
+            // Random high bits: a takeover notice for a connection of an earlier process with the
+            // same node id (a restarted pod) cannot match a connection of this one.
+            connection_ids: AtomicU64::new(u64::from(rand::random::<u32>()) << 32 | 1),
         }
     }
 
