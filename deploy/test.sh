@@ -92,7 +92,14 @@ if ((${#pip_missing[@]} > 0)); then
 fi
 
 work=$(mktemp -d)
-trap 'rm -rf "${work}"' EXIT
+redis_pid=
+cleanup() {
+    if [[ -n ${redis_pid} ]]; then
+        kill "${redis_pid}" 2>/dev/null || true
+    fi
+    rm -rf "${work}"
+}
+trap cleanup EXIT
 
 scripts=(.ci/run)
 mapfile -t -O 1 scripts < <(find deploy -type f -name '*.sh' | sort)
@@ -162,6 +169,21 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test --workspace"
 cargo test --workspace
+
+# The conformance suite once more, on a Redis of its own: both brokers pass the same tests.
+step "cargo test -p gateway --test conformance, on Redis"
+redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+redis-server --port "${redis_port}" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "${work}" >"${work}/redis.log" 2>&1 &
+redis_pid=$!
+for _ in $(seq 100); do
+    redis-cli -p "${redis_port}" ping >/dev/null 2>&1 && break
+    sleep 0.1
+done
+BGW_TEST_REDIS_URL="redis://127.0.0.1:${redis_port}" cargo test -p gateway --test conformance
+kill "${redis_pid}"
+wait "${redis_pid}" 2>/dev/null || true
+redis_pid=
 
 step "node --test gateway/web/test/ (the browser client on a fake clock and WebSocket)"
 node --test gateway/web/test/
