@@ -103,29 +103,40 @@ impl Connection {
         let heartbeat = config.heartbeat_interval;
         let silence_limit = heartbeat + config.pong_timeout;
         let hello_deadline = Instant::now() + config.hello_timeout;
-        let mut next_ping = Instant::now() + heartbeat;
-        let mut last_heard = Instant::now();
+        let mut deadlines = Deadlines {
+            ping: Instant::now() + heartbeat,
+            silence: Instant::now() + silence_limit,
+            hello: Some(hello_deadline),
+            expiry: None,
+            drain: None,
+        };
         let outbound = self.outbound.clone();
         let node = self.node.clone();
-        let mut drain_at: Option<Instant> = None;
+        // One timer for every deadline: an idle connection holds one timer entry, not five.
+        let timer = sleep_until(deadlines.next());
+        tokio::pin!(timer);
         let peer_closed = loop {
-            let expiry = self.expires_at;
+            deadlines.hello = self.session.is_none().then_some(hello_deadline);
+            deadlines.expiry = self.expires_at;
+            if timer.deadline() != deadlines.next() {
+                timer.as_mut().reset(deadlines.next());
+            }
             tokio::select! {
                 biased;
                 _ = outbound.closed() => break false,
-                () = node.closing.cancelled(), if drain_at.is_none() => {
-                    drain_at = Some(Instant::now() + node.drain_delay());
-                }
-                () = sleep_until(drain_at.unwrap_or(hello_deadline)), if drain_at.is_some() => {
-                    self.outbound.close(CloseCode::GoingAway, "node draining");
+                () = node.closing.cancelled(), if deadlines.drain.is_none() => {
+                    deadlines.drain = Some(Instant::now() + node.drain_delay());
                 }
                 message = stream.next() => {
-                    last_heard = Instant::now();
+                    deadlines.silence = Instant::now() + silence_limit;
                     match message {
                         None => return,
                         Some(Ok(Message::Close(_))) => break true,
                         Some(Ok(message)) => {
-                            if let Err(close) = self.on_message(message).await {
+                            // Boxed: the state of a request (a hello that resumes a session
+                            // is large) lives on the heap only while it is handled, not in
+                            // every idle connection's task.
+                            if let Err(close) = Box::pin(self.on_message(message)).await {
                                 self.outbound.close(close.code, close.reason);
                             }
                         }
@@ -135,19 +146,17 @@ impl Connection {
                         }
                     }
                 }
-                () = sleep_until(next_ping) => {
-                    next_ping += heartbeat;
-                    self.outbound.push(Frame::Ping);
-                }
-                () = sleep_until(last_heard + silence_limit) => {
-                    self.outbound.close(CloseCode::GoingAway, "heartbeat timeout");
-                }
-                () = sleep_until(hello_deadline), if self.session.is_none() => {
-                    self.outbound.close(CloseCode::HelloTimeout, "no hello in time");
-                }
-                () = sleep_until(expiry.unwrap_or(hello_deadline)), if expiry.is_some() => {
-                    self.outbound.close(CloseCode::Unauthorized, "token expired");
-                }
+                () = &mut timer => match deadlines.due(Instant::now()) {
+                    Some(Due::Drain) => self.outbound.close(CloseCode::GoingAway, "node draining"),
+                    Some(Due::Expired) => self.outbound.close(CloseCode::Unauthorized, "token expired"),
+                    Some(Due::Hello) => self.outbound.close(CloseCode::HelloTimeout, "no hello in time"),
+                    Some(Due::Silent) => self.outbound.close(CloseCode::GoingAway, "heartbeat timeout"),
+                    Some(Due::Ping) => {
+                        deadlines.ping += heartbeat;
+                        self.outbound.push(Frame::Ping);
+                    }
+                    None => {}
+                },
             }
         };
         if let Some(close) = self.outbound.closing().filter(|_| !peer_closed) {
@@ -168,17 +177,20 @@ impl Connection {
         // the close frame is not lost to a reset of unread input. After a read error the stream
         // has ended at once: wait for the writer to send the close frame, which it would lose if
         // the connection ended now.
-        let _ = timeout(CLOSE_LINGER, async {
+        // Boxed, like the close in the writer: the timer of a rare ending need not sit in every
+        // idle connection's task.
+        let outbound = &self.outbound;
+        let linger = timeout(CLOSE_LINGER, async {
             while let Some(Ok(message)) = stream.next().await {
                 if message.is_close() {
                     break;
                 }
             }
-            if self.outbound.closing().is_some() {
-                self.outbound.close_written().await;
+            if outbound.closing().is_some() {
+                outbound.close_written().await;
             }
-        })
-        .await;
+        });
+        let _ = Box::pin(linger).await;
     }
 
     async fn on_message(&mut self, message: Message) -> Reply {
@@ -558,6 +570,55 @@ impl Prepared {
     }
 }
 
+/// When each of a connection's timers is due.
+struct Deadlines {
+    /// The next WebSocket ping.
+    ping: Instant,
+    /// Heartbeat interval + pong timeout after the last frame from the client.
+    silence: Instant,
+    /// Until `hello`.
+    hello: Option<Instant>,
+    /// The token's expiry.
+    expiry: Option<Instant>,
+    /// This connection's slot of the drain window.
+    drain: Option<Instant>,
+}
+
+enum Due {
+    Drain,
+    Expired,
+    Hello,
+    Silent,
+    Ping,
+}
+
+impl Deadlines {
+    fn next(&self) -> Instant {
+        [self.hello, self.expiry, self.drain]
+            .into_iter()
+            .flatten()
+            .fold(self.ping.min(self.silence), Instant::min)
+    }
+
+    /// The deadline that has passed, the one that closes first.
+    fn due(&self, now: Instant) -> Option<Due> {
+        let passed = |at: Option<Instant>| at.is_some_and(|at| at <= now);
+        if passed(self.drain) {
+            Some(Due::Drain)
+        } else if passed(self.expiry) {
+            Some(Due::Expired)
+        } else if passed(self.hello) {
+            Some(Due::Hello)
+        } else if self.silence <= now {
+            Some(Due::Silent)
+        } else if self.ping <= now {
+            Some(Due::Ping)
+        } else {
+            None
+        }
+    }
+}
+
 fn close(code: CloseCode, reason: &'static str) -> Close {
     Close { code, reason }
 }
@@ -583,10 +644,9 @@ async fn write<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut frames = Vec::new();
     let started = StdInstant::now();
     loop {
-        let close = outbound.next_batch(&mut frames).await;
+        let (frames, close) = outbound.next_batch().await;
         positions.advance(frames.iter().filter_map(|frame| match frame {
             Frame::Message(m) => Some((&*m.channel, m.seq, None)),
             Frame::Subscribed {
@@ -598,7 +658,7 @@ async fn write<S>(
             _ => None,
         }));
         let count = frames.len() as u64;
-        for frame in frames.drain(..) {
+        for frame in frames {
             let message = match frame {
                 Frame::Message(m) => Message::Text(m.text.clone()),
                 Frame::Subscribed { text, .. } | Frame::Reply(text) => Message::Text(text),
@@ -614,7 +674,11 @@ async fn write<S>(
                 code: WsCloseCode::from(close.code.code()),
                 reason: close.reason.into(),
             };
-            let _ = timeout(CLOSE_LINGER, sink.send(Message::Close(Some(frame)))).await;
+            let _ = Box::pin(timeout(
+                CLOSE_LINGER,
+                sink.send(Message::Close(Some(frame))),
+            ))
+            .await;
             outbound.set_close_written();
             debug!(lived = ?started.elapsed(), "close sent");
             return std::future::pending().await;

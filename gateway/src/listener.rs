@@ -30,8 +30,9 @@ use crate::handshake;
 use crate::node::Node;
 
 /// Read buffer of a connection. tungstenite's default is 128 KiB, allocated up front: client
-/// frames are small, and memory per connection is what a gateway is judged by.
-const READ_BUFFER: usize = 4 * 1024;
+/// frames are small (a hello with a token is well under 1 KiB, larger frames take a few more
+/// reads), and memory per idle connection is what a gateway is judged by.
+const READ_BUFFER: usize = 1024;
 /// Bytes of frames tungstenite gathers before it writes to the socket; the writer flushes each
 /// batch anyway. The buffer keeps its high-water mark, so it stays small.
 const WRITE_BUFFER: usize = 4 * 1024;

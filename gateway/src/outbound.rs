@@ -143,18 +143,15 @@ impl Outbound {
 
     /// Waits for frames or a close, and takes them all. Returns the close asked for, which
     /// follows the frames taken.
-    pub async fn next_batch(&self, frames: &mut Vec<Frame>) -> Option<Close> {
+    /// The queue is handed over whole, so that an idle connection keeps no queue allocation.
+    pub async fn next_batch(&self) -> (VecDeque<Frame>, Option<Close>) {
         loop {
             let notified = self.wake.notified();
             {
                 let mut state = self.state.lock();
                 if !state.frames.is_empty() || state.close.is_some() {
-                    frames.extend(state.frames.drain(..));
                     state.bytes = 0;
-                    if state.frames.capacity() > 64 {
-                        state.frames.shrink_to_fit();
-                    }
-                    return state.close;
+                    return (std::mem::take(&mut state.frames), state.close);
                 }
             }
             notified.await;
