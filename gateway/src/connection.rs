@@ -13,7 +13,10 @@ use std::time::Instant as StdInstant;
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::clock::MonotonicClock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use shared::frame::{ChannelState, Id};
 use shared::{valid_channel, ClientFrame, CloseCode, ErrorCode, FrameError, Position, ServerFrame};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -63,7 +66,7 @@ pub async fn serve<S>(
         identity: None,
         session: None,
         http_token,
-        limiter: RateLimiter::direct(Quota::per_second(rate)),
+        limiter: RateLimiter::direct_with_clock(Quota::per_second(rate), MonotonicClock),
         expires_at: None,
     };
     let (sink, stream) = ws.split();
@@ -89,7 +92,10 @@ struct Connection {
     session: Option<Arc<LiveSession>>,
     /// The token of the upgrade request (query or cookie); a token in `hello` wins over it.
     http_token: Option<String>,
-    limiter: DefaultDirectRateLimiter,
+    /// The client's frames per second. On the std clock: the default (quanta) clock calibrates
+    /// itself with CPUID for every limiter, a cost paid by every handshake.
+    limiter:
+        RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<std::time::Instant>>,
     /// When the token expires, unless a `refresh` comes first.
     expires_at: Option<Instant>,
 }

@@ -21,6 +21,10 @@ use crate::outbound::Outbound;
 /// save of the node goes in one batch.
 const SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long the saver gathers more changes after it is woken: one scan of the live sessions
+/// serves a whole burst of connects, subscribes and disconnects.
+const COALESCE: Duration = Duration::from_millis(50);
+
 /// A connection's subscriptions and the last position delivered on each.
 #[derive(Default)]
 pub struct Positions {
@@ -211,7 +215,7 @@ impl Sessions {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => tokio::time::sleep(COALESCE).await,
                 _ = tokio::time::sleep(SAVE_INTERVAL) => {}
             }
             let all = last_refresh.elapsed() >= refresh_every;

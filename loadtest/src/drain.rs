@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args as ClapArgs;
-use hdrhistogram::Histogram;
 use shared::client::{Client, ClientConfig, Event};
 use tokio::sync::{mpsc, watch};
 
@@ -99,7 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let _ = stop.send(true);
 
     let (mut lost, mut drained) = (0u64, 0u64);
-    let mut resumes = Histogram::<u64>::new(3)?;
+    let mut resumes = crate::report::histogram()?;
     for client in clients {
         let seen = client.await?;
         let got: std::collections::BTreeSet<u64> = seen.seqs.iter().copied().collect();

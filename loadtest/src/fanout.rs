@@ -58,7 +58,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let channel = |i: usize| format!("{run}.{}", i % args.channels);
     let targets = Arc::new(args.targets.clone());
     let (stop, stopped) = watch::channel(false);
-    let delivered = Arc::new(AtomicU64::new(0));
+    // One counter per subscriber: a single shared one, touched per message, would cost more
+    // than the message.
+    let delivered: Arc<Vec<AtomicU64>> =
+        Arc::new((0..args.subscribers).map(|_| AtomicU64::new(0)).collect());
 
     let bar = progress(args.subscribers as u64, "subscribing");
     let mut subscribers = Vec::with_capacity(args.subscribers);
@@ -73,7 +76,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             ws,
             start,
             stopped.clone(),
-            delivered.clone(),
+            (delivered.clone(), i),
         )));
         bar.inc(1);
     }
@@ -130,12 +133,18 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .map(|i| published[i % args.channels])
         .sum();
     let until = Instant::now() + args.grace;
-    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < until {
+    let total_delivered = || {
+        delivered
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    while total_delivered() < expected && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = stop.send(true);
 
-    let mut histogram = Histogram::<u64>::new(3)?;
+    let mut histogram = crate::report::histogram()?;
     let (mut received, mut repeated, mut out_of_order, mut unique) = (0, 0, 0, 0);
     for task in subscribers {
         let seen = task.await??;
@@ -171,14 +180,15 @@ async fn subscriber(
     mut ws: socket::Ws,
     start: u64,
     mut stopped: watch::Receiver<bool>,
-    delivered: Arc<AtomicU64>,
+    (counters, index): (Arc<Vec<AtomicU64>>, usize),
 ) -> anyhow::Result<Seen> {
+    let delivered = &counters[index];
     let mut seen = Seen {
         received: 0,
         repeated: 0,
         out_of_order: 0,
         unique: 0,
-        latency_us: Histogram::new(3)?,
+        latency_us: crate::report::histogram()?,
     };
     let mut last = start;
     loop {
@@ -205,7 +215,7 @@ async fn subscriber(
             }
             seen.unique += 1;
             last = seq;
-            delivered.fetch_add(1, Ordering::Relaxed);
+            delivered.store(seen.unique, Ordering::Relaxed);
         }
     }
     Ok(seen)

@@ -48,6 +48,16 @@ impl Report {
     }
 }
 
+/// A histogram of microseconds, from 1 µs to an hour at 3 significant digits. (`Histogram::new`
+/// starts at a tiny range, and a saturating record clamps to it instead of growing.)
+pub fn histogram() -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+    Ok(hdrhistogram::Histogram::new_with_bounds(
+        1,
+        3_600_000_000,
+        3,
+    )?)
+}
+
 /// Latency percentiles of a histogram of microseconds, in milliseconds.
 pub fn latency(report: &mut Report, histogram: &hdrhistogram::Histogram<u64>) {
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;

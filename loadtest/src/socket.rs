@@ -8,6 +8,7 @@ use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::{lookup_host, TcpSocket};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -48,7 +49,12 @@ impl Targets {
         socket.bind(SocketAddr::new(source, 0))?;
         let stream = socket.connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (ws, _) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
+        // Small buffers: tens of thousands of these share the machine with the gateway.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(config)).await?;
         Ok(ws)
     }
 }
