@@ -448,7 +448,7 @@ impl Connection {
                 self.positions.insert(&channel, prepared.start());
                 self.reply(prepared.subscribed_frame(id));
                 node.hub.activate(self.id, prepared);
-                node.sessions.save_soon();
+                self.save_soon();
             }
             Err(e) => {
                 warn!(conn = self.id, channel, error = %e, "subscribe failed");
@@ -470,7 +470,7 @@ impl Connection {
             ));
         }
         self.node.hub.remove(self.id, &channel).await;
-        self.node.sessions.save_soon();
+        self.save_soon();
         self.reply(ServerFrame::Unsubscribed { id, channel });
     }
 
@@ -545,6 +545,13 @@ impl Connection {
         let expires = identity.expires();
         self.identity = Some(identity);
         self.reply(ServerFrame::Refreshed { id, expires });
+    }
+
+    /// The set of subscriptions changed: the session is saved now, not at the next interval.
+    fn save_soon(&self) {
+        if let Some(session) = &self.session {
+            self.node.sessions.save_soon(session.clone());
+        }
     }
 
     fn identity(&self) -> &Identity {

@@ -21,10 +21,6 @@ use crate::outbound::Outbound;
 /// save of the node goes in one batch.
 const SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
-/// How long the saver gathers more changes after it is woken: one scan of the live sessions
-/// serves a whole burst of connects, subscribes and disconnects.
-const COALESCE: Duration = Duration::from_millis(50);
-
 /// A connection's subscriptions and the last position delivered on each.
 #[derive(Default)]
 pub struct Positions {
@@ -111,6 +107,16 @@ impl LiveSession {
     }
 }
 
+/// Which live sessions a save takes, besides the departed and urgent ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    Urgent,
+    /// Those whose positions moved since the last save.
+    Changed,
+    /// Every one: refreshes their expiry in the broker, and the drain.
+    All,
+}
+
 pub struct Sessions {
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
@@ -118,6 +124,10 @@ pub struct Sessions {
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
     /// Records of connections that ended, waiting for the next batch.
     departed: Mutex<Vec<SessionRecord>>,
+    /// Sessions to save at once (new, resumed, or with a changed set of subscriptions), so that
+    /// a resume right after finds them. Saving them does not scan every live session: a ramp
+    /// of N connections would scan N sessions N times.
+    urgent: Mutex<Vec<Arc<LiveSession>>>,
     wake: Notify,
 }
 
@@ -129,6 +139,7 @@ impl Sessions {
             ttl,
             live: Mutex::new(HashMap::new()),
             departed: Mutex::new(Vec::new()),
+            urgent: Mutex::new(Vec::new()),
             wake: Notify::new(),
         }
     }
@@ -140,7 +151,7 @@ impl Sessions {
         if let Some(previous) = previous.filter(|p| p.owner != session.owner) {
             self.close_taken_over(&previous);
         }
-        self.wake.notify_one();
+        self.save_soon(session);
     }
 
     /// A connection ended: its session is saved one last time, and outlives it for the TTL.
@@ -175,8 +186,10 @@ impl Sessions {
             .close(CloseCode::TakenOver, "session taken over");
     }
 
-    /// Asks for a save soon, batched with others: after a subscribe or an unsubscribe.
-    pub fn save_soon(&self) {
+    /// Asks for a save of `session` now, batched with others that come meanwhile: after a
+    /// subscribe or an unsubscribe.
+    pub fn save_soon(&self, session: Arc<LiveSession>) {
+        self.urgent.lock().push(session);
         self.wake.notify_one();
     }
 
@@ -185,13 +198,19 @@ impl Sessions {
         self.live.lock().values().cloned().collect()
     }
 
-    /// Saves, in one batch, every session with unsaved changes, or every session when `all`.
-    pub async fn save(&self, all: bool) {
+    /// Saves, in one batch, the departed and urgent sessions, and then, as `scan` asks, no
+    /// other, the live sessions with unsaved positions, or every live session.
+    pub async fn save(&self, scan: Scan) {
         let mut batch = std::mem::take(&mut *self.departed.lock());
         let departed = batch.len();
-        let live = self.live();
+        let urgent = std::mem::take(&mut *self.urgent.lock());
+        batch.extend(urgent.iter().map(|session| session.record()));
+        let live = match scan {
+            Scan::Urgent => Vec::new(),
+            Scan::Changed | Scan::All => self.live(),
+        };
         for session in &live {
-            if session.positions.dirty.swap(false, Ordering::Relaxed) || all {
+            if session.positions.dirty.swap(false, Ordering::Relaxed) || scan == Scan::All {
                 batch.push(session.record());
             }
         }
@@ -201,7 +220,7 @@ impl Sessions {
         if let Err(e) = self.broker.save_sessions(&batch, self.ttl).await {
             warn!(sessions = batch.len(), error = %e, "saving sessions failed; retrying");
             self.departed.lock().extend(batch.drain(..departed));
-            for session in &live {
+            for session in live.iter().chain(&urgent) {
                 session.positions.dirty.store(true, Ordering::Relaxed);
             }
         }
@@ -213,16 +232,20 @@ impl Sessions {
         let refresh_every = (self.ttl / 3).max(SAVE_INTERVAL);
         let mut last_refresh = tokio::time::Instant::now();
         loop {
-            tokio::select! {
+            let woken = tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = self.wake.notified() => tokio::time::sleep(COALESCE).await,
-                _ = tokio::time::sleep(SAVE_INTERVAL) => {}
-            }
-            let all = last_refresh.elapsed() >= refresh_every;
-            if all {
+                _ = self.wake.notified() => true,
+                _ = tokio::time::sleep(SAVE_INTERVAL) => false,
+            };
+            let scan = if woken {
+                Scan::Urgent
+            } else if last_refresh.elapsed() >= refresh_every {
                 last_refresh = tokio::time::Instant::now();
-            }
-            self.save(all).await;
+                Scan::All
+            } else {
+                Scan::Changed
+            };
+            self.save(scan).await;
         }
     }
 }

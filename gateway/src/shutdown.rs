@@ -8,6 +8,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::node::Node;
+use crate::session::Scan;
 
 /// SIGTERM and SIGINT, listened for from start-up on, so that a signal that comes before the
 /// first wait is not the default (immediate) exit.
@@ -45,7 +46,7 @@ pub async fn drain(node: Arc<Node>, connections: TaskTracker, signals: &mut Sign
         () = tokio::time::sleep(config.drain_delay) => {}
         () = signals.next() => return warn!("second signal: exiting now"),
     }
-    node.sessions.save(true).await;
+    node.sessions.save(Scan::All).await;
     node.close_all();
     connections.close();
     tokio::select! {
@@ -55,5 +56,5 @@ pub async fn drain(node: Arc<Node>, connections: TaskTracker, signals: &mut Sign
         }
         () = signals.next() => warn!(connections = node.metrics.connections.get(), "second signal: exiting now"),
     }
-    node.sessions.save(false).await;
+    node.sessions.save(Scan::Changed).await;
 }
