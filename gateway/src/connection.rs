@@ -429,15 +429,12 @@ impl Connection {
             ));
         }
         if self.positions.len() >= node.config.max_subscriptions {
-            node.metrics
-                .limits
-                .with_label_values(&["subscriptions"])
-                .inc();
-            return self.reply(ServerFrame::error(
+            return self.refuse_over_limit(
                 id,
+                "subscriptions",
                 ErrorCode::TooMany,
                 "too many subscriptions",
-            ));
+            );
         }
         match node
             .hub
@@ -491,15 +488,12 @@ impl Connection {
             ));
         }
         if data.len() > node.config.max_publish_bytes {
-            node.metrics
-                .limits
-                .with_label_values(&["publish_size"])
-                .inc();
-            return self.reply(ServerFrame::error(
+            return self.refuse_over_limit(
                 id,
+                "publish_size",
                 ErrorCode::TooLarge,
                 "message too large",
-            ));
+            );
         }
         match node.publish(&channel, data).await {
             Ok(published) => self.reply(ServerFrame::Published {
@@ -552,6 +546,12 @@ impl Connection {
         if let Some(session) = &self.session {
             self.node.sessions.save_soon(session.clone());
         }
+    }
+
+    /// Refuses a request that a limit stops, and counts the limit.
+    fn refuse_over_limit(&self, id: Option<Id>, limit: &str, code: ErrorCode, message: &str) {
+        self.node.metrics.limits.with_label_values(&[limit]).inc();
+        self.reply(ServerFrame::error(id, code, message));
     }
 
     fn identity(&self) -> &Identity {

@@ -82,39 +82,35 @@ impl Outbound {
     /// Queues a frame. Returns false when the frame was not queued: the connection is closing,
     /// or it just passed its limit and is now closing as a slow consumer.
     pub fn push(&self, frame: Frame) -> bool {
-        let mut state = self.state.lock();
-        if state.close.is_some() {
-            return false;
-        }
-        let len = frame.len();
-        if state.bytes + len > self.limit && !state.frames.is_empty() {
-            state.frames.clear();
-            state.bytes = 0;
-            state.close = Some(Close {
-                code: CloseCode::SlowConsumer,
-                reason: "slow consumer",
-            });
-            drop(state);
-            self.wake.notify_waiters();
-            return false;
-        }
-        state.bytes += len;
-        state.frames.push_back(frame);
-        let first = state.frames.len() == 1;
-        drop(state);
-        if first {
-            self.wake.notify_waiters();
-        }
-        true
+        self.queue(frame, true)
     }
 
     /// Queues a message replayed from history without counting it against the limit: a replay
     /// is bounded by the channel's history instead, and a client that resumes after a 4030 has at
     /// least a queue's worth of messages to replay, which must not close it again.
     pub fn push_replay(&self, frame: Frame) -> bool {
+        self.queue(frame, false)
+    }
+
+    fn queue(&self, frame: Frame, counted: bool) -> bool {
         let mut state = self.state.lock();
         if state.close.is_some() {
             return false;
+        }
+        if counted {
+            let len = frame.len();
+            if state.bytes + len > self.limit && !state.frames.is_empty() {
+                state.frames.clear();
+                state.bytes = 0;
+                state.close = Some(Close {
+                    code: CloseCode::SlowConsumer,
+                    reason: "slow consumer",
+                });
+                drop(state);
+                self.wake.notify_waiters();
+                return false;
+            }
+            state.bytes += len;
         }
         state.frames.push_back(frame);
         let first = state.frames.len() == 1;
