@@ -10,7 +10,7 @@ use shared::client::{Client, ClientConfig, Event};
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::Admin;
-use crate::report::{latency, progress, Report};
+use crate::report::{percentiles, progress, Report};
 use crate::socket::Targets;
 
 #[derive(ClapArgs, Debug)]
@@ -114,7 +114,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .add("published", published)
         .add("clients_moved", drained)
         .add("lost", lost);
-    latency(&mut report, &resumes);
+    percentiles(&mut report, "resume", &resumes);
     Ok(report)
 }
 

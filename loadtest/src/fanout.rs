@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::admin::Admin;
-use crate::report::{latency, progress, Report};
+use crate::report::{percentiles, progress, Report};
 use crate::socket::{self, message_seq_and_time, now_micros, Targets};
 
 #[derive(ClapArgs, Debug)]
@@ -172,7 +172,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .add("lost", lost)
         .add("repeated", repeated)
         .add("out_of_order", out_of_order);
-    latency(&mut report, &histogram);
+    percentiles(&mut report, "latency", &histogram);
     Ok(report)
 }
 

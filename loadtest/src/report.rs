@@ -4,7 +4,7 @@ use serde_json::{Map, Value};
 
 pub struct Report {
     scenario: &'static str,
-    rows: Vec<(&'static str, Value)>,
+    rows: Vec<(String, Value)>,
 }
 
 impl Report {
@@ -15,8 +15,8 @@ impl Report {
         }
     }
 
-    pub fn add(&mut self, name: &'static str, value: impl Into<Value>) -> &mut Self {
-        self.rows.push((name, value.into()));
+    pub fn add(&mut self, name: impl Into<String>, value: impl Into<Value>) -> &mut Self {
+        self.rows.push((name.into(), value.into()));
         self
     }
 
@@ -25,7 +25,7 @@ impl Report {
             let mut object = Map::new();
             object.insert("scenario".into(), self.scenario.into());
             for (name, value) in &self.rows {
-                object.insert((*name).into(), value.clone());
+                object.insert(name.clone(), value.clone());
             }
             println!("{}", Value::Object(object));
             return;
@@ -58,15 +58,16 @@ pub fn histogram() -> anyhow::Result<hdrhistogram::Histogram<u64>> {
     )?)
 }
 
-/// Latency percentiles of a histogram of microseconds, in milliseconds.
-pub fn latency(report: &mut Report, histogram: &hdrhistogram::Histogram<u64>) {
+/// Percentiles of a histogram of microseconds, in milliseconds, as `{what}_p50_ms` and so on.
+pub fn percentiles(report: &mut Report, what: &str, histogram: &hdrhistogram::Histogram<u64>) {
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let name = |suffix: &str| format!("{what}_{suffix}");
     report
-        .add("latency_p50_ms", ms(0.5))
-        .add("latency_p90_ms", ms(0.9))
-        .add("latency_p99_ms", ms(0.99))
-        .add("latency_p999_ms", ms(0.999))
-        .add("latency_max_ms", histogram.max() as f64 / 1000.0);
+        .add(name("p50_ms"), ms(0.5))
+        .add(name("p90_ms"), ms(0.9))
+        .add(name("p99_ms"), ms(0.99))
+        .add(name("p999_ms"), ms(0.999))
+        .add(name("max_ms"), histogram.max() as f64 / 1000.0);
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).
