@@ -1,33 +1,31 @@
-//! The channel hub: the node's local subscriptions, and the fan-out of each message the broker
-//! delivers to every local subscriber of its channel.
+//! The channel hub: the broker's events in, the node's local subscriptions, and each channel's
+//! continuity.
 //!
-//! A message is encoded once into the text of its frame, and the same bytes go to every
-//! subscriber's outbound queue. The hub also keeps each channel continuous: it drops repeats, and
-//! repairs a gap in seq from history before it passes later messages on.
+//! The hub takes every message the broker delivers, keeps its channel continuous (it drops
+//! repeats, and repairs a gap in seq from history before it passes later messages on), encodes
+//! it once into its whole WebSocket frame and hands that to the [`fanout`](crate::fanout)
+//! shards that hold the channel's subscribers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use indexmap::IndexMap;
 use parking_lot::Mutex;
-use shared::frame::encode_message;
-use shared::{CloseCode, Position, ServerFrame};
+use shared::{Position, ServerFrame};
 use tokio::sync::Mutex as AsyncMutex;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, warn};
 
-use crate::broker::{Broker, BrokerError, Delivery};
+use crate::broker::{Broker, BrokerError, Delivery, Event, Events};
+use crate::connection::Transport;
+use crate::fanout::{Command, Fanout, Message, Subscriber};
 use crate::metrics::Metrics;
-use crate::outbound::{Frame, MessageFrame, Outbound};
-
-/// How many live messages a subscription may hold while it replays history: far more than a
-/// history read takes at any sane publish rate, and a bound on a client that stalls it.
-const MAX_HELD: usize = 10_000;
+use crate::session::{Cursor, Sessions};
+use crate::wire;
 
 pub struct Hub {
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
+    fanout: Fanout,
     channels: Mutex<HashMap<Arc<str>, Channel>>,
     /// Serialises the node's broker subscribe and unsubscribe calls, so that the last local
     /// unsubscribe of a channel cannot undo the first subscribe of its next subscriber.
@@ -36,6 +34,8 @@ pub struct Hub {
 
 struct Channel {
     name: Arc<str>,
+    /// The name as a JSON string, for the frames of its messages.
+    json: Box<str>,
     /// Whether the broker delivers this channel to the node.
     linked: bool,
     /// The sequence the hub passes on, once it knows it.
@@ -44,17 +44,8 @@ struct Channel {
     last_seq: u64,
     /// Messages held back while a gap is repaired from history.
     repairing: Option<Vec<Delivery>>,
-    subscribers: IndexMap<u64, Subscriber>,
-}
-
-struct Subscriber {
-    outbound: Arc<Outbound>,
-    /// Live messages held while the subscription replays history; `None` once live.
-    held: Option<Vec<Arc<MessageFrame>>>,
-    /// The last seq this subscriber was given. A message the broker had already numbered when
-    /// the subscription read its history can still reach the hub after activation: it was
-    /// replayed, and is not passed on again.
-    after: u64,
+    /// Local subscribers on each fan-out shard.
+    subscribers: Box<[u32]>,
 }
 
 /// A subscription that is registered for live messages and has read its history, but has not
@@ -81,19 +72,40 @@ impl Prepared {
         }
     }
 
-    /// The seq of the first message the subscription replays.
-    pub fn first_replayed(&self) -> Option<u64> {
-        self.replay.first().map(|(seq, _)| *seq)
+    /// The position the subscription starts from: before its replay, or at the channel's top.
+    pub fn start(&self) -> u64 {
+        self.replay.first().map_or(self.seq, |(seq, _)| seq - 1)
     }
 }
 
 impl Hub {
     pub fn new(broker: Arc<dyn Broker>, metrics: Arc<Metrics>) -> Self {
+        let shards = std::thread::available_parallelism().map_or(1, usize::from);
         Self {
+            fanout: Fanout::start(shards, metrics.clone()),
             broker,
             metrics,
             channels: Mutex::new(HashMap::new()),
             links: AsyncMutex::new(()),
+        }
+    }
+
+    /// Takes the broker's events until it stops: messages to the fan-out, takeovers to the
+    /// sessions, and after an outage a resync of every channel.
+    pub async fn run(self: Arc<Self>, mut events: Events, sessions: Arc<Sessions>) {
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Message(delivery) => {
+                    self.deliver(delivery);
+                    // A node whose sockets are slower than its broker slows its broker link.
+                    self.fanout.ready().await;
+                }
+                Event::TakenOver { session, conn } => sessions.taken_over(&session, conn),
+                Event::Resync => {
+                    let hub = self.clone();
+                    tokio::spawn(async move { hub.resync().await });
+                }
+            }
         }
     }
 
@@ -108,27 +120,31 @@ impl Hub {
     pub async fn prepare(
         &self,
         conn: u64,
-        outbound: &Arc<Outbound>,
+        transport: &Arc<Transport>,
+        cursor: &Arc<Cursor>,
         channel: &str,
         since: Option<&Position>,
     ) -> Result<Prepared, BrokerError> {
+        let shard = self.fanout.shard_of(conn);
         let name = {
             let mut channels = self.channels.lock();
             let entry = match channels.get_mut(channel) {
                 Some(entry) => entry,
                 None => {
                     let name: Arc<str> = Arc::from(channel);
+                    let shards = self.fanout.shard_count();
                     channels
                         .entry(name.clone())
-                        .or_insert_with(|| Channel::new(name))
+                        .or_insert_with(|| Channel::new(name, shards))
                 }
             };
-            entry.subscribers.insert(
-                conn,
-                Subscriber {
-                    outbound: outbound.clone(),
-                    held: Some(Vec::new()),
-                    after: 0,
+            entry.subscribers[shard] += 1;
+            let subscriber = Subscriber::new(conn, transport.clone(), cursor.clone());
+            self.fanout.send(
+                shard,
+                Command::Register {
+                    channel: entry.name.clone(),
+                    subscriber,
                 },
             );
             entry.name.clone()
@@ -171,6 +187,14 @@ impl Hub {
     /// Sends the replay of a prepared subscription, then the live messages held since, and
     /// from then on passes live messages straight on.
     pub fn activate(&self, conn: u64, prepared: Prepared) {
+        let json = serde_json::to_string(&*prepared.channel).expect("a str always serialises");
+        let replay = prepared
+            .replay
+            .iter()
+            .take_while(|(seq, _)| *seq <= prepared.seq)
+            .filter(|(_, data)| std::str::from_utf8(data).is_ok())
+            .map(|(seq, data)| wire::message(&json, *seq, data))
+            .collect();
         let mut channels = self.channels.lock();
         let Some(channel) = channels.get_mut(&prepared.channel) else {
             return;
@@ -179,50 +203,39 @@ impl Hub {
             channel.epoch = Some(prepared.epoch.clone());
             channel.last_seq = prepared.seq;
         }
-        let Some(subscriber) = channel.subscribers.get_mut(&conn) else {
-            return;
-        };
-        for (seq, data) in prepared.replay {
-            if seq > prepared.seq {
-                break;
-            }
-            if let Some(frame) = MessageFrame::encode(&prepared.channel, seq, &data) {
-                subscriber
-                    .outbound
-                    .push_replay(Frame::Message(Arc::new(frame)));
-            }
-        }
-        // The replay ends at the start; held live messages take over after it.
-        subscriber.after = prepared.seq;
-        for frame in subscriber.held.take().unwrap_or_default() {
-            if frame.seq > subscriber.after {
-                subscriber.after = frame.seq;
-                subscriber.outbound.push(Frame::Message(frame));
-            }
-        }
-        self.metrics.subscriptions.inc();
+        self.fanout.send(
+            self.fanout.shard_of(conn),
+            Command::Activate {
+                channel: channel.name.clone(),
+                conn,
+                replay,
+                start: prepared.seq,
+            },
+        );
     }
 
     /// Removes `conn` from the channel; the last local subscriber unlinks it from the broker.
     pub async fn remove(&self, conn: u64, channel: &str) {
-        let active = {
+        let shard = self.fanout.shard_of(conn);
+        {
             let mut channels = self.channels.lock();
             let Some(entry) = channels.get_mut(channel) else {
                 return;
             };
-            match entry.subscribers.swap_remove(&conn) {
-                Some(subscriber) => subscriber.held.is_none(),
-                None => return,
-            }
-        };
-        if active {
-            self.metrics.subscriptions.dec();
+            entry.subscribers[shard] = entry.subscribers[shard].saturating_sub(1);
+            self.fanout.send(
+                shard,
+                Command::Remove {
+                    channel: entry.name.clone(),
+                    conn,
+                },
+            );
         }
         let _link = self.links.lock().await;
         let unlinked = {
             let mut channels = self.channels.lock();
             match channels.get(channel) {
-                Some(entry) if entry.subscribers.is_empty() => {
+                Some(entry) if entry.subscribers.iter().all(|&n| n == 0) => {
                     let linked = entry.linked;
                     channels.remove(channel);
                     linked
@@ -250,7 +263,7 @@ impl Hub {
     }
 
     /// Passes one message from the broker on to the channel's local subscribers.
-    pub fn deliver(self: &Arc<Self>, delivery: Delivery) {
+    fn deliver(self: &Arc<Self>, delivery: Delivery) {
         let mut channels = self.channels.lock();
         let Some(channel) = channels.get_mut(&delivery.channel) else {
             return;
@@ -260,11 +273,15 @@ impl Hub {
             return;
         }
         match channel.continuity(&delivery) {
-            Continuity::Next => channel.pass_on(&delivery, &self.metrics),
+            Continuity::Next => channel.pass_on(&delivery, &self.fanout, &self.metrics),
             Continuity::Repeat => self.metrics.drops.with_label_values(&["repeat"]).inc(),
             Continuity::NewEpoch => {
-                channel.restart(&delivery.epoch, delivery.seq.saturating_sub(1));
-                channel.pass_on(&delivery, &self.metrics);
+                channel.restart(
+                    &delivery.epoch,
+                    delivery.seq.saturating_sub(1),
+                    &self.fanout,
+                );
+                channel.pass_on(&delivery, &self.fanout, &self.metrics);
             }
             Continuity::Gap => {
                 debug!(channel = %channel.name, last = channel.last_seq, seq = delivery.seq, "gap, repairing from history");
@@ -325,7 +342,7 @@ impl Hub {
                         data,
                     };
                     if channel.continuity(&delivery) == Continuity::Next {
-                        channel.pass_on(&delivery, &self.metrics);
+                        channel.pass_on(&delivery, &self.fanout, &self.metrics);
                     }
                 }
             }
@@ -340,10 +357,14 @@ impl Hub {
                         .drops
                         .with_label_values(&["unrecoverable_gap"])
                         .inc();
-                    channel.restart(&delivery.epoch, delivery.seq.saturating_sub(1));
+                    channel.restart(
+                        &delivery.epoch,
+                        delivery.seq.saturating_sub(1),
+                        &self.fanout,
+                    );
                 }
             }
-            channel.pass_on(&delivery, &self.metrics);
+            channel.pass_on(&delivery, &self.fanout, &self.metrics);
         }
     }
 }
@@ -357,14 +378,17 @@ enum Continuity {
 }
 
 impl Channel {
-    fn new(name: Arc<str>) -> Self {
+    fn new(name: Arc<str>, shards: usize) -> Self {
         Self {
+            json: serde_json::to_string(&*name)
+                .expect("a str always serialises")
+                .into(),
             name,
             linked: false,
             epoch: None,
             last_seq: 0,
             repairing: None,
-            subscribers: IndexMap::new(),
+            subscribers: vec![0; shards].into(),
         }
     }
 
@@ -381,75 +405,58 @@ impl Channel {
 
     /// Continuity is lost: every live subscriber is told where the channel stands now, before
     /// its next message.
-    fn restart(&mut self, epoch: &Arc<str>, seq: u64) {
+    fn restart(&mut self, epoch: &Arc<str>, seq: u64, fanout: &Fanout) {
         self.epoch = Some(epoch.clone());
         self.last_seq = seq;
-        let text: Utf8Bytes = ServerFrame::Subscribed {
-            id: None,
-            channel: self.name.to_string(),
-            seq,
-            epoch: epoch.to_string(),
-            recovered: false,
-        }
-        .to_json()
-        .into();
-        for subscriber in self.subscribers.values_mut() {
-            subscriber.after = seq;
-            match &mut subscriber.held {
-                // Not live yet: its replay ends where this starts; what it held is stale.
-                Some(held) => held.clear(),
-                None => {
-                    subscriber.outbound.push(Frame::Subscribed {
-                        channel: self.name.clone(),
-                        seq,
-                        epoch: epoch.clone(),
-                        text: text.clone(),
-                    });
-                }
+        let frame = wire::text(
+            ServerFrame::Subscribed {
+                id: None,
+                channel: self.name.to_string(),
+                seq,
+                epoch: epoch.to_string(),
+                recovered: false,
             }
+            .to_json()
+            .as_bytes(),
+        );
+        for shard in self.shards() {
+            fanout.send(
+                shard,
+                Command::Restart {
+                    channel: self.name.clone(),
+                    epoch: epoch.clone(),
+                    seq,
+                    frame: frame.clone(),
+                },
+            );
         }
     }
 
-    fn pass_on(&mut self, delivery: &Delivery, metrics: &Metrics) {
+    /// Encodes the message's frame once, for every subscriber on every shard.
+    fn pass_on(&mut self, delivery: &Delivery, fanout: &Fanout, metrics: &Metrics) {
         self.epoch = Some(delivery.epoch.clone());
         self.last_seq = delivery.seq;
-        let Some(frame) = MessageFrame::encode(&self.name, delivery.seq, &delivery.data) else {
+        // Bytes that are not text, which no publish through a gateway writes, are no frame.
+        if std::str::from_utf8(&delivery.data).is_err() {
             metrics.drops.with_label_values(&["not_utf8"]).inc();
             return;
-        };
-        let frame = Arc::new(frame);
-        let mut delivered = 0;
-        for subscriber in self.subscribers.values_mut() {
-            match &mut subscriber.held {
-                Some(held) if held.len() >= MAX_HELD => {
-                    subscriber
-                        .outbound
-                        .close(CloseCode::SlowConsumer, "slow consumer");
-                    metrics.drops.with_label_values(&["slow_consumer"]).inc();
-                }
-                Some(held) => held.push(frame.clone()),
-                None if delivery.seq <= subscriber.after => {}
-                None => {
-                    subscriber.after = delivery.seq;
-                    if subscriber.outbound.push(Frame::Message(frame.clone())) {
-                        delivered += 1;
-                    }
-                }
-            }
         }
-        metrics.deliveries.inc_by(delivered);
+        let message = Message {
+            channel: self.name.clone(),
+            seq: delivery.seq,
+            frame: wire::message(&self.json, delivery.seq, &delivery.data),
+        };
+        for shard in self.shards() {
+            fanout.send(shard, Command::Message(message.clone()));
+        }
     }
-}
 
-impl MessageFrame {
-    /// The frame of one message; `None` where the broker holds bytes that are not text, which
-    /// no publish through a gateway writes.
-    fn encode(channel: &Arc<str>, seq: u64, data: &Bytes) -> Option<Self> {
-        let text = Utf8Bytes::try_from(encode_message(channel, seq, data)).ok()?;
-        Some(Self {
-            channel: channel.clone(),
-            seq,
-            text,
-        })
+    /// The fan-out shards with subscribers of this channel.
+    fn shards(&self) -> impl Iterator<Item = usize> + '_ {
+        self.subscribers
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(shard, _)| shard)
     }
 }

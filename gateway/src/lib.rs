@@ -5,8 +5,10 @@
 //!   with one client;
 //! - a publish (from a client, or [`admin`]'s `POST /v1/publish`) goes to the [`broker`], which
 //!   numbers it, keeps it in history and hands it to every node;
-//! - the [`hub`] encodes it once and pushes it to the [`outbound`] queue of every local
-//!   subscriber, whose writer feeds the frames and flushes once.
+//! - the [`hub`] takes it from the broker, keeps its channel continuous and encodes its whole
+//!   WebSocket frame once ([`wire`]);
+//! - the [`fanout`] shards write that frame to the socket of every local subscriber, through
+//!   each connection's [`Transport`](connection::Transport).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -15,15 +17,16 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod fanout;
 pub mod handshake;
 pub mod hub;
 pub mod ids;
 pub mod listener;
 pub mod metrics;
 pub mod node;
-pub mod outbound;
 pub mod session;
 pub mod shutdown;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +39,7 @@ use tracing::info;
 use crate::auth::Verifier;
 use crate::broker::embedded::{EmbeddedBroker, HistoryLimits};
 use crate::broker::redis::RedisBroker;
-use crate::broker::{Broker, Event, Events};
+use crate::broker::{Broker, Events};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::Node;
@@ -92,7 +95,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
 
     let connections = TaskTracker::new();
-    tokio::spawn(pump(events, node.clone()));
+    tokio::spawn(node.hub.clone().run(events, node.sessions.clone()));
     tokio::spawn(node.sessions.clone().run_saver(background.clone()));
     tokio::spawn(admin::run(admin, node.clone(), background.clone()));
     tokio::spawn(listener::run(
@@ -114,20 +117,6 @@ fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => info!(limit, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
-    }
-}
-
-/// Passes the broker's events to the hub and the sessions, in order.
-async fn pump(mut events: Events, node: Arc<Node>) {
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Message(delivery) => node.hub.deliver(delivery),
-            Event::TakenOver { session, conn } => node.sessions.taken_over(&session, conn),
-            Event::Resync => {
-                let hub = node.hub.clone();
-                tokio::spawn(async move { hub.resync().await });
-            }
-        }
     }
 }
 

@@ -17,10 +17,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -28,14 +26,6 @@ use tracing::{debug, warn};
 use crate::connection;
 use crate::handshake;
 use crate::node::Node;
-
-/// Read buffer of a connection. tungstenite's default is 128 KiB, allocated up front: client
-/// frames are small (a hello with a token is well under 1 KiB, larger frames take a few more
-/// reads), and memory per idle connection is what a gateway is judged by.
-const READ_BUFFER: usize = 1024;
-/// Bytes of frames tungstenite gathers before it writes to the socket; the writer flushes each
-/// batch anyway. The buffer keeps its high-water mark, so it stays small.
-const WRITE_BUFFER: usize = 4 * 1024;
 
 type Body = Full<Bytes>;
 
@@ -154,23 +144,14 @@ fn upgrade(
     let token = handshake::token(req.uri(), headers, &node.config.token_cookie);
     let client = handshake::client_address(peer, headers, &node.config.trusted_proxies);
     let upgrading = hyper::upgrade::on(&mut req);
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + node.config.max_publish_bytes + 64 * 1024)
-        .max_message_size(Some(node.config.max_frame_bytes))
-        .max_frame_size(Some(node.config.max_frame_bytes));
     tasks.spawn(async move {
-        match upgrading.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(ws_config),
-                )
-                .await;
-                connection::serve(ws, node, client, token, permit).await;
+        // The socket itself, out of hyper's wrappers: the fan-out writes to it directly.
+        match upgrading.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+            Ok(Ok(parts)) => {
+                let stream = parts.io.into_inner();
+                connection::serve(stream, parts.read_buf, node, client, token, permit).await;
             }
+            Ok(Err(_)) => warn!("an upgraded connection that is not a TCP socket"),
             Err(e) => debug!(error = %e, "upgrade failed"),
         }
     });

@@ -2,7 +2,7 @@
 //! the saver that writes their positions to the broker in batches.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,77 +12,120 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::broker::{Broker, Owner, SessionRecord};
+use crate::broker::{Broker, BrokerError, Owner, SessionRecord};
+use crate::connection::Transport;
 use crate::metrics::Metrics;
-use crate::outbound::Outbound;
 
 /// How often positions of connections with new deliveries are saved. A crash loses at most this
 /// much of the gateway's record (clients that send their own positions lose nothing), and every
 /// save of the node goes in one batch.
 const SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
-/// A connection's subscriptions and the last position delivered on each.
+/// Where one subscription stands: the last seq written to its socket, in `epoch`. The fan-out
+/// moves `seq` with one plain store per write, and the saver reads it when it saves: no lock
+/// per frame.
+pub struct Cursor {
+    seq: AtomicU64,
+    /// `seq` when the session was last saved.
+    saved: AtomicU64,
+    epoch: Mutex<Arc<str>>,
+}
+
+impl Cursor {
+    pub fn new(position: u64, epoch: Arc<str>) -> Self {
+        Self {
+            seq: AtomicU64::new(position),
+            saved: AtomicU64::new(u64::MAX),
+            epoch: Mutex::new(epoch),
+        }
+    }
+
+    pub fn advance(&self, seq: u64) {
+        self.seq.store(seq, Ordering::Relaxed);
+    }
+
+    /// The channel's sequence restarted: a new epoch.
+    pub fn restart(&self, epoch: &Arc<str>, seq: u64) {
+        *self.epoch.lock() = epoch.clone();
+        self.seq.store(seq, Ordering::Relaxed);
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            seq: self.seq.load(Ordering::Relaxed),
+            epoch: Some(self.epoch.lock().to_string()),
+        }
+    }
+
+    fn moved(&self) -> bool {
+        self.seq.load(Ordering::Relaxed) != self.saved.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection's subscriptions, each with its cursor.
 #[derive(Default)]
 pub struct Positions {
-    map: Mutex<BTreeMap<String, Position>>,
+    subscriptions: Mutex<Vec<(Arc<str>, Arc<Cursor>)>>,
+    /// The set of subscriptions changed, or a save failed, since the last save.
     dirty: AtomicBool,
 }
 
 impl Positions {
-    pub fn new(map: BTreeMap<String, Position>) -> Self {
-        Self {
-            map: Mutex::new(map),
-            dirty: AtomicBool::new(true),
-        }
-    }
-
     pub fn contains(&self, channel: &str) -> bool {
-        self.map.lock().contains_key(channel)
+        self.subscriptions
+            .lock()
+            .iter()
+            .any(|(c, _)| &**c == channel)
     }
 
     pub fn len(&self) -> usize {
-        self.map.lock().len()
+        self.subscriptions.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    pub fn channels(&self) -> Vec<String> {
-        self.map.lock().keys().cloned().collect()
+    pub fn channels(&self) -> Vec<Arc<str>> {
+        self.subscriptions
+            .lock()
+            .iter()
+            .map(|(c, _)| c.clone())
+            .collect()
     }
 
-    pub fn insert(&self, channel: &str, position: Position) {
-        self.map.lock().insert(channel.to_owned(), position);
+    pub fn insert(&self, channel: Arc<str>, cursor: Arc<Cursor>) {
+        self.subscriptions.lock().push((channel, cursor));
         self.dirty.store(true, Ordering::Relaxed);
     }
 
     pub fn remove(&self, channel: &str) -> bool {
-        let removed = self.map.lock().remove(channel).is_some();
+        let mut subscriptions = self.subscriptions.lock();
+        let before = subscriptions.len();
+        subscriptions.retain(|(c, _)| &**c != channel);
+        let removed = subscriptions.len() != before;
         self.dirty.store(true, Ordering::Relaxed);
         removed
     }
 
-    /// Moves the positions of subscribed channels; `epoch` where the sequence restarted.
-    pub fn advance<'a>(&self, updates: impl Iterator<Item = (&'a str, u64, Option<&'a str>)>) {
-        let mut map = self.map.lock();
-        let mut moved = false;
-        for (channel, seq, epoch) in updates {
-            if let Some(position) = map.get_mut(channel) {
-                position.seq = seq;
-                if let Some(epoch) = epoch {
-                    position.epoch = Some(epoch.to_owned());
-                }
-                moved = true;
-            }
-        }
-        if moved {
-            self.dirty.store(true, Ordering::Relaxed);
-        }
+    /// Whether a save would write anything new.
+    fn changed(&self) -> bool {
+        self.dirty.load(Ordering::Relaxed)
+            || self.subscriptions.lock().iter().any(|(_, c)| c.moved())
     }
 
+    /// The positions as the broker keeps them; what they say counts as saved.
     fn snapshot(&self) -> BTreeMap<String, Position> {
-        self.map.lock().clone()
+        self.dirty.store(false, Ordering::Relaxed);
+        self.subscriptions
+            .lock()
+            .iter()
+            .map(|(channel, cursor)| {
+                let position = cursor.position();
+                cursor.saved.store(position.seq, Ordering::Relaxed);
+                (channel.to_string(), position)
+            })
+            .collect()
     }
 }
 
@@ -92,8 +135,8 @@ pub struct LiveSession {
     pub subject: String,
     pub owner: Owner,
     pub positions: Arc<Positions>,
-    /// To close the connection when another takes the session over, or the node drains.
-    pub outbound: Arc<Outbound>,
+    /// To close the connection when another takes the session over.
+    pub transport: Arc<Transport>,
 }
 
 impl LiveSession {
@@ -154,6 +197,30 @@ impl Sessions {
         self.save_soon(session);
     }
 
+    /// Takes the session `id` over for `owner` when it exists and belongs to `subject`, and
+    /// returns it as it was; its previous connection, wherever it is, is closed with 4009 (one on
+    /// this node when the session attaches here, one elsewhere through its node's control topic).
+    pub async fn claim(
+        &self,
+        id: &str,
+        subject: &str,
+        owner: &Owner,
+    ) -> Result<Option<SessionRecord>, BrokerError> {
+        match self.broker.load_session(id).await? {
+            Some(record) if record.subject == subject => {}
+            _ => return Ok(None),
+        }
+        let Some(record) = self.broker.claim_session(id, owner, self.ttl).await? else {
+            return Ok(None);
+        };
+        if record.owner.node != owner.node {
+            if let Err(e) = self.broker.take_over(&record.owner, id).await {
+                warn!(session_owner = %record.owner.node, error = %e, "could not reach the session's previous node");
+            }
+        }
+        Ok(Some(record))
+    }
+
     /// A connection ended: its session is saved one last time, and outlives it for the TTL.
     pub fn detach(&self, session: &LiveSession) {
         let mut live = self.live.lock();
@@ -182,7 +249,7 @@ impl Sessions {
     fn close_taken_over(&self, session: &LiveSession) {
         self.metrics.sessions_taken_over.inc();
         session
-            .outbound
+            .transport
             .close(CloseCode::TakenOver, "session taken over");
     }
 
@@ -210,7 +277,7 @@ impl Sessions {
             Scan::Changed | Scan::All => self.live(),
         };
         for session in &live {
-            if session.positions.dirty.swap(false, Ordering::Relaxed) || scan == Scan::All {
+            if scan == Scan::All || session.positions.changed() {
                 batch.push(session.record());
             }
         }

@@ -270,11 +270,12 @@ async fn publish_patterns_limit_client_publishing() {
         );
     }
 
-    // Without --client-publish, the claim is not enough.
+    // The claim alone decides: `--client-publish` is for anonymous clients.
     let gw = hs256_node();
     let mut client = gw.connect().await;
     client.hello_token(&token).await;
-    assert!(!may_publish(&mut client, "chat").await);
+    assert!(may_publish(&mut client, "chat").await);
+    assert!(!may_publish(&mut client, "news").await);
 }
 
 #[tokio::test]

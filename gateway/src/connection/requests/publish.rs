@@ -1,0 +1,58 @@
+//! `publish` from a client: where its token (or, with authentication off, `--client-publish`)
+//! allows it.
+
+use bytes::Bytes;
+use shared::frame::Id;
+use shared::{valid_channel, ErrorCode, ServerFrame};
+use tracing::warn;
+
+use super::super::Connection;
+use crate::auth::Identity;
+
+impl Connection {
+    pub(super) async fn publish(&mut self, id: Option<Id>, channel: String, data: Bytes) {
+        let node = self.node.clone();
+        if !valid_channel(&channel) {
+            return self.reply(ServerFrame::error(
+                id,
+                ErrorCode::BadRequest,
+                "invalid channel name",
+            ));
+        }
+        // A token's `publish` claim alone decides; anonymous clients need the switch.
+        let allowed = match self.identity() {
+            Identity::Anonymous => node.config.client_publish,
+            user => user.may_publish(&channel),
+        };
+        if !allowed {
+            return self.reply(ServerFrame::error(
+                id,
+                ErrorCode::Forbidden,
+                "not allowed to publish to this channel",
+            ));
+        }
+        if data.len() > node.config.max_publish_bytes {
+            return self.refuse_over_limit(
+                id,
+                "publish_size",
+                ErrorCode::TooLarge,
+                "message too large",
+            );
+        }
+        match node.publish(&channel, data).await {
+            Ok(published) => self.reply(ServerFrame::Published {
+                id,
+                channel,
+                seq: published.seq,
+            }),
+            Err(e) => {
+                warn!(conn = self.id, channel, error = %e, "publish failed");
+                self.reply(ServerFrame::error(
+                    id,
+                    ErrorCode::Unavailable,
+                    "broker unavailable",
+                ));
+            }
+        }
+    }
+}

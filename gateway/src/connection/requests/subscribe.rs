@@ -1,0 +1,73 @@
+//! `subscribe`: registers for live messages, replays what the client asked for, then live.
+
+use std::sync::Arc;
+
+use shared::frame::Id;
+use shared::{valid_channel, ErrorCode, Position, ServerFrame};
+use tracing::warn;
+
+use super::super::Connection;
+use crate::session::Cursor;
+
+impl Connection {
+    pub(super) async fn subscribe(
+        &mut self,
+        id: Option<Id>,
+        channel: String,
+        since: Option<Position>,
+    ) {
+        let node = self.node.clone();
+        if !valid_channel(&channel) {
+            return self.reply(ServerFrame::error(
+                id,
+                ErrorCode::BadRequest,
+                "invalid channel name",
+            ));
+        }
+        if !self.identity().may_subscribe(&channel) {
+            return self.reply(ServerFrame::error(
+                id,
+                ErrorCode::Forbidden,
+                "not allowed to subscribe to this channel",
+            ));
+        }
+        if self.positions.contains(&channel) {
+            return self.reply(ServerFrame::error(
+                id,
+                ErrorCode::BadRequest,
+                "already subscribed",
+            ));
+        }
+        if self.positions.len() >= node.config.max_subscriptions {
+            return self.refuse_over_limit(
+                id,
+                "subscriptions",
+                ErrorCode::TooMany,
+                "too many subscriptions",
+            );
+        }
+        let cursor = Arc::new(Cursor::new(0, Arc::from("")));
+        match node
+            .hub
+            .prepare(self.id, &self.transport, &cursor, &channel, since.as_ref())
+            .await
+        {
+            Ok(prepared) => {
+                cursor.restart(&prepared.epoch, prepared.start());
+                self.positions.insert(prepared.channel.clone(), cursor);
+                // The reply goes first; the replay follows it once activated.
+                self.reply(prepared.subscribed_frame(id));
+                node.hub.activate(self.id, prepared);
+                self.save_soon();
+            }
+            Err(e) => {
+                warn!(conn = self.id, channel, error = %e, "subscribe failed");
+                self.reply(ServerFrame::error(
+                    id,
+                    ErrorCode::Unavailable,
+                    "broker unavailable",
+                ));
+            }
+        }
+    }
+}
