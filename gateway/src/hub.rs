@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, warn};
 
 use crate::broker::{Broker, BrokerError, Delivery};
-use crate::metrics::Metrics;
+use crate::metrics::{InProgress, Metrics};
 use crate::outbound::{Frame, MessageFrame, Outbound};
 
 /// How many live messages a subscription may hold while it replays history: far more than a
@@ -281,6 +281,7 @@ impl Hub {
     /// After a broker outage: links every channel again and repairs each from history, so that
     /// what was published while the link was down reaches subscribers without a new message.
     pub async fn resync(self: &Arc<Self>) {
+        let _resyncing = InProgress::start(&self.metrics.resyncs_in_progress);
         let names: Vec<Arc<str>> = self.channels.lock().keys().cloned().collect();
         for name in names {
             {
@@ -309,6 +310,7 @@ impl Hub {
     /// Fills a gap after `after` from history, then passes on what was held meanwhile. What
     /// history no longer has is lost: subscribers are told with `recovered: false`.
     async fn repair(self: Arc<Self>, name: Arc<str>, after: u64) {
+        let _repairing = InProgress::start(&self.metrics.repairs_in_progress);
         let history = self.broker.history(&name, after).await;
         let mut channels = self.channels.lock();
         let Some(channel) = channels.get_mut(&name) else {

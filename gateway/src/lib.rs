@@ -120,6 +120,7 @@ fn raise_open_file_limit() {
 /// Passes the broker's events to the hub and the sessions, in order.
 async fn pump(mut events: Events, node: Arc<Node>) {
     while let Some(event) = events.recv().await {
+        node.metrics.broker_events_queued.set(events.len() as i64);
         match event {
             Event::Message(delivery) => node.hub.deliver(delivery),
             Event::TakenOver { session, conn } => node.sessions.taken_over(&session, conn),
