@@ -24,7 +24,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, timeout, Duration, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{error::ProtocolError, Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, warn};
 
@@ -641,6 +641,8 @@ fn read_error_close(error: &WsError) -> Option<Close> {
     match error {
         WsError::Capacity(_) => Some(close(CloseCode::TooBig, "frame too large")),
         WsError::Utf8(_) => Some(close(CloseCode::InvalidPayload, "invalid UTF-8")),
+        // The client went away without a close frame: nothing to send, and not a server close.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
         WsError::Protocol(_) => Some(close(CloseCode::ProtocolError, "WebSocket protocol error")),
         _ => None,
     }
