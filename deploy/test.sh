@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The project's tests: the deployment files (shell scripts, Dockerfile, docker-compose file,
-# Kubernetes manifests, nginx config, YAML), formatting, lints, then every unit and integration
-# test of the workspace.
+# Kubernetes manifests, nginx config, YAML), the monitoring files (alert rules, dashboard,
+# Prometheus Operator resources), formatting, lints, then every unit and integration test of the
+# workspace, and the dashboard's queries answered by a real Prometheus scraping real nodes.
 #
 # Runs on a fresh Debian or Ubuntu machine with the Rust toolchain (rustup) present, from any
 # directory. What the tests need and the machine lacks is installed first, and only then:
 # redis-server and nginx (the end-to-end tests start their own on loopback ports), nodejs,
 # chromium and chromium-driver (the browser client's tests), shellcheck,
-# docker-compose (v1: only its `config` runs, no Docker engine needed) and python3-venv with apt;
-# hadolint, kubernetes-validate and yamllint with pip, in a virtualenv under target/; rustfmt and
+# docker-compose (v1: only its `config` runs, no Docker engine needed), prometheus (the server and
+# promtool) and python3-venv with apt; hadolint, kubernetes-validate and yamllint (and PyYAML and
+# jsonschema, where no Python has them) with pip, in a virtualenv under target/; rustfmt and
 # clippy with rustup. Installing packages needs root, or sudo. The Kubernetes manifests are
 # rendered with `kubectl kustomize` (or `kustomize build`) where one is installed (neither is a
 # Debian package), else validated file by file.
@@ -43,6 +45,8 @@ done
 have node || missing+=(nodejs)
 have chromium || missing+=(chromium)
 have chromedriver || missing+=(chromium-driver)
+# Alert rules and dashboard queries: promtool checks them, a Prometheus server answers them.
+{ have promtool && have prometheus; } || missing+=(prometheus)
 if docker compose version >/dev/null 2>&1; then
     compose=(docker compose)
 else
@@ -65,6 +69,18 @@ for name in "${!python_tools[@]}"; do
         [[ -x ${tool[${name}]} ]] || pip_missing+=("${python_tools[${name}]}")
     fi
 done
+# PyYAML and jsonschema validate the Prometheus Operator's resources, for which
+# kubernetes-validate has no schema: the virtualenv's (kubernetes-validate brings both), else
+# python3's, else installed into the virtualenv.
+schema_python=${venv}/bin/python
+if ! { [[ -x ${schema_python} ]] && "${schema_python}" -c 'import jsonschema, yaml' 2>/dev/null; }; then
+    if python3 -c 'import jsonschema, yaml' >/dev/null 2>&1; then
+        schema_python=python3
+    else
+        schema_python=${venv}/bin/python
+        pip_missing+=(jsonschema pyyaml)
+    fi
+fi
 if ((${#pip_missing[@]} > 0)) && [[ ! -x ${venv}/bin/pip ]] &&
     ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3-venv)
@@ -109,24 +125,39 @@ shellcheck -x "${scripts[@]}"
 step "hadolint deploy/Dockerfile"
 "${tool[hadolint]}" deploy/Dockerfile
 
-yaml=(deploy/docker-compose.yml deploy/k8s/*.yaml nginx/kustomization.yaml)
+yaml=(deploy/docker-compose.yml deploy/k8s/*.yaml deploy/k8s/monitoring/*.yaml
+    deploy/prometheus/*.yml deploy/grafana/provisioning/*/*.yml nginx/kustomization.yaml)
 step "yamllint (relaxed, 100 columns, warnings fail) ${yaml[*]}"
 "${tool[yamllint]}" --strict -d '{extends: relaxed, rules: {line-length: {max: 100}}}' "${yaml[@]}"
 
 step "${compose[*]} -f deploy/docker-compose.yml config -q"
 "${compose[@]}" -f deploy/docker-compose.yml config -q
+step "${compose[*]} -f deploy/docker-compose.yml --profile monitoring config -q"
+"${compose[@]}" -f deploy/docker-compose.yml --profile monitoring config -q
 
-# The manifests as kustomize renders them (with the generated nginx ConfigMap); without a
-# renderer, each file of kustomization.yaml's resources as it is.
+# The manifests as kustomize renders them (with the generated nginx ConfigMap), alone and with
+# the optional monitoring component (as `components: [monitoring]` in kustomization.yaml adds
+# it); without a renderer, each file of kustomization.yaml's resources as it is.
 manifests=()
+monitoring=()
+overlay="${work}/k8s-monitoring"
+mkdir -p "${overlay}"
+k8s_dir=$(python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' \
+    deploy/k8s "${overlay}")
+printf 'namespace: bgw\nresources:\n  - %s\ncomponents:\n  - %s/monitoring\n' \
+    "${k8s_dir}" "${k8s_dir}" >"${overlay}/kustomization.yaml"
 if have kubectl; then
-    step "kubectl kustomize deploy/k8s"
+    step "kubectl kustomize deploy/k8s, and with deploy/k8s/monitoring"
     kubectl kustomize deploy/k8s >"${work}/k8s.yaml"
-    manifests=("${work}/k8s.yaml")
+    kubectl kustomize "${overlay}" >"${work}/k8s-monitoring.yaml"
+    manifests=("${work}/k8s.yaml" "${work}/k8s-monitoring.yaml")
+    monitoring=("${work}/k8s-monitoring.yaml")
 elif have kustomize; then
-    step "kustomize build deploy/k8s"
+    step "kustomize build deploy/k8s, and with deploy/k8s/monitoring"
     kustomize build deploy/k8s >"${work}/k8s.yaml"
-    manifests=("${work}/k8s.yaml")
+    kustomize build "${overlay}" >"${work}/k8s-monitoring.yaml"
+    manifests=("${work}/k8s.yaml" "${work}/k8s-monitoring.yaml")
+    monitoring=("${work}/k8s-monitoring.yaml")
 else
     step "no kubectl or kustomize here: the manifests are checked one by one, unrendered"
     for file in deploy/k8s/*.yaml; do
@@ -135,10 +166,28 @@ else
         *) manifests+=("${file}") ;;
         esac
     done
+    monitoring=(deploy/k8s/monitoring/podmonitor.yaml deploy/k8s/monitoring/prometheusrule.yaml)
 fi
 manifests+=(deploy/k8s/secret.example.yaml)
+# kubernetes-validate warns, and passes, on the PodMonitor and PrometheusRule: the Prometheus
+# Operator's own schemas (deploy/k8s/monitoring/schemas/) check those, as strictly.
 step "kubernetes-validate --strict ${manifests[*]}"
 "${tool[kubernetes-validate]}" --strict --quiet "${manifests[@]}"
+step "PodMonitor and PrometheusRule against the Prometheus Operator's schemas: ${monitoring[*]}"
+"${schema_python}" deploy/prometheus/check.py k8s "${monitoring[@]}"
+step "deploy/k8s/monitoring/prometheusrule.yaml is made from deploy/prometheus/alerts.yml"
+python3 deploy/prometheus/check.py prometheus-rule |
+    diff -u deploy/k8s/monitoring/prometheusrule.yaml -
+
+step "promtool check config deploy/prometheus/prometheus.yml"
+promtool check config deploy/prometheus/prometheus.yml
+step "promtool check rules deploy/prometheus/alerts.yml"
+promtool check rules deploy/prometheus/alerts.yml
+step "promtool test rules deploy/prometheus/alerts.test.yml"
+promtool test rules deploy/prometheus/alerts.test.yml
+step "the dashboard's structure, and every query of it through promtool check rules"
+python3 deploy/prometheus/check.py dashboard --rules-out "${work}/dashboard-queries.yml"
+promtool check rules "${work}/dashboard-queries.yml"
 
 # The shipped nginx.conf, unchanged, with the shipped upstreams.conf whose docker-compose host
 # names (gateway-1...) do not resolve here: they become 127.0.0.1, nothing else changes.
@@ -184,6 +233,15 @@ BGW_TEST_REDIS_URL="redis://127.0.0.1:${redis_port}" cargo test -p gateway --tes
 kill "${redis_pid}"
 wait "${redis_pid}" 2>/dev/null || true
 redis_pid=
+
+# Redis, two nodes and Prometheus scraping them every second, a short fan-out load, then every
+# query of the dashboard asked through Prometheus' API (each must answer), every metric of the
+# dashboard and the alerts looked up in a node's /metrics, every alert rule evaluated, and a
+# drain and a Redis outage seen by Prometheus.
+step "monitoring, live: every query of the dashboard answered by Prometheus"
+cargo build -p gateway -p loadtest
+python3 deploy/prometheus/check.py live --gateway "${CARGO_TARGET_DIR:-target}/debug/gateway" \
+    --loadtest "${CARGO_TARGET_DIR:-target}/debug/loadtest"
 
 step "node --test gateway/web/test/ (the browser client on a fake clock and WebSocket)"
 node --test gateway/web/test/

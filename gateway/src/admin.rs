@@ -61,14 +61,7 @@ async fn route(req: Request<Incoming>, node: &Node) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({"status": "ok"})),
         (&Method::GET, "/readyz") => readyz(node).await,
-        (&Method::GET, "/metrics") => {
-            let mut response = Response::new(Body::from(node.metrics.render()));
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            response
-        }
+        (&Method::GET, "/metrics") => metrics(node).await,
         (&Method::GET, "/v1/stats") => stats(node),
         (&Method::POST, "/v1/publish") => publish(req, node).await,
         (_, "/healthz" | "/readyz" | "/metrics" | "/v1/stats" | "/v1/publish") => {
@@ -79,10 +72,7 @@ async fn route(req: Request<Incoming>, node: &Node) -> Response<Body> {
 }
 
 async fn readyz(node: &Node) -> Response<Body> {
-    let broker_up = matches!(
-        tokio::time::timeout(BROKER_PING_TIMEOUT, node.broker.ping()).await,
-        Ok(Ok(()))
-    );
+    let broker_up = broker_up(node).await;
     let (code, status) = match (node.is_draining(), broker_up) {
         (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
         (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
@@ -91,6 +81,37 @@ async fn readyz(node: &Node) -> Response<Body> {
     let body =
         json!({"status": status, "node": node.id, "connections": node.metrics.connections.get()});
     json_response(code, body)
+}
+
+/// The Prometheus text exposition. Gauges that are cheap to read but would cost a write on a
+/// busy path (channels) or come from configuration are set here, at scrape time; so is the
+/// broker's state, from the same ping as readiness, so that it is as fresh as the scrape.
+async fn metrics(node: &Node) -> Response<Body> {
+    broker_up(node).await;
+    let m = &node.metrics;
+    m.channels.set(gauge_value(node.hub.channel_count()));
+    m.max_connections
+        .set(gauge_value(node.config.max_connections));
+    let mut response = Response::new(Body::from(m.render()));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Whether the broker answers within the ping timeout; `bgw_broker_up` follows the answer.
+async fn broker_up(node: &Node) -> bool {
+    let up = matches!(
+        tokio::time::timeout(BROKER_PING_TIMEOUT, node.broker.ping()).await,
+        Ok(Ok(()))
+    );
+    node.metrics.broker_up.set(i64::from(up));
+    up
 }
 
 fn stats(node: &Node) -> Response<Body> {

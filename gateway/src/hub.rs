@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 use crate::broker::{Broker, BrokerError, Delivery, Event, Events};
 use crate::connection::Transport;
 use crate::fanout::{Command, Fanout, Message, Subscriber};
-use crate::metrics::Metrics;
+use crate::metrics::{InProgress, Metrics};
 use crate::session::{Cursor, Sessions};
 use crate::wire;
 
@@ -94,6 +94,7 @@ impl Hub {
     /// sessions, and after an outage a resync of every channel.
     pub async fn run(self: Arc<Self>, mut events: Events, sessions: Arc<Sessions>) {
         while let Some(event) = events.recv().await {
+            self.metrics.broker_events_queued.set(events.len() as i64);
             match event {
                 Event::Message(delivery) => {
                     self.deliver(delivery);
@@ -298,6 +299,7 @@ impl Hub {
     /// After a broker outage: links every channel again and repairs each from history, so that
     /// what was published while the link was down reaches subscribers without a new message.
     pub async fn resync(self: &Arc<Self>) {
+        let _resyncing = InProgress::start(&self.metrics.resyncs_in_progress);
         let names: Vec<Arc<str>> = self.channels.lock().keys().cloned().collect();
         for name in names {
             {
@@ -326,6 +328,7 @@ impl Hub {
     /// Fills a gap after `after` from history, then passes on what was held meanwhile. What
     /// history no longer has is lost: subscribers are told with `recovered: false`.
     async fn repair(self: Arc<Self>, name: Arc<str>, after: u64) {
+        let _repairing = InProgress::start(&self.metrics.repairs_in_progress);
         let history = self.broker.history(&name, after).await;
         let mut channels = self.channels.lock();
         let Some(channel) = channels.get_mut(&name) else {

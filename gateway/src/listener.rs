@@ -61,6 +61,7 @@ pub async fn run(
         let inner = tasks.clone();
         tasks.spawn(async move {
             let handshake_timeout = node.config.handshake_timeout;
+            let rejections = node.metrics.rejections.clone();
             let service = service_fn(move |req| {
                 let node = node.clone();
                 let tasks = inner.clone();
@@ -72,7 +73,10 @@ pub async fn run(
             match tokio::time::timeout(handshake_timeout, http).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(%peer, error = %e, "client HTTP connection failed"),
-                Err(_) => debug!(%peer, "handshake timeout"),
+                Err(_) => {
+                    rejections.with_label_values(&["timeout"]).inc();
+                    debug!(%peer, "handshake timeout");
+                }
             }
         });
     }
@@ -116,6 +120,10 @@ fn upgrade(
         .get(SEC_WEBSOCKET_VERSION)
         .is_some_and(|v| v == "13");
     let (Some(accept), true, &hyper::Method::GET) = (key, version_ok, req.method()) else {
+        node.metrics
+            .rejections
+            .with_label_values(&["bad_request"])
+            .inc();
         let mut response = status(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n");
         response
             .headers_mut()
@@ -140,6 +148,7 @@ fn upgrade(
             .inc();
         return status(StatusCode::SERVICE_UNAVAILABLE, "node at capacity\n");
     };
+    node.metrics.handshakes.inc();
     let protocol = handshake::subprotocol(headers);
     let token = handshake::token(req.uri(), headers, &node.config.token_cookie);
     let client = handshake::client_address(peer, headers, &node.config.trusted_proxies);

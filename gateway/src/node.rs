@@ -98,7 +98,8 @@ impl Node {
     /// Publishes through the broker, for clients and the admin API alike.
     pub async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
         let started = Instant::now();
-        let published = self.broker.publish(channel, data).await?;
+        let published = (self.broker.publish(channel, data).await)
+            .inspect_err(|_| self.metrics.publish_errors.inc())?;
         self.metrics.published.inc();
         self.metrics
             .publish_seconds

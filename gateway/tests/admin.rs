@@ -76,6 +76,75 @@ async fn metrics_are_prometheus_text() {
     assert!(metric_value(&metrics, "bgw_frames_out_total") >= 3.0);
 }
 
+/// What an operator's dashboard and alerts read is there from the first scrape: the process
+/// metrics, the build, the broker's state, the connection limit, and every labelled counter
+/// at 0; handshakes and refusals count; a client that leaves without a close frame is no
+/// server close.
+#[tokio::test]
+async fn operator_metrics_are_there_from_the_first_scrape() {
+    let gw = Gateway::start(&["--max-connections", "7"]);
+    let metrics = gw.metrics().await;
+    assert_eq!(metric_value(&metrics, "bgw_max_connections"), 7.0);
+    assert_eq!(metric_value(&metrics, "bgw_broker_up"), 1.0);
+    assert_eq!(metric_value(&metrics, "bgw_draining"), 0.0);
+    let build = metrics
+        .lines()
+        .find(|l| l.starts_with("bgw_build_info{"))
+        .unwrap_or_else(|| panic!("no bgw_build_info:\n{metrics}"));
+    assert!(build.contains(r#"version="0.1.0""#), "{build}");
+    for series in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(metric_value(&metrics, series) > 0.0, "{series}:\n{metrics}");
+    }
+    for series in [
+        r#"bgw_closes_total{code="4030"}"#,
+        r#"bgw_closes_total{code="1001"}"#,
+        r#"bgw_drops_total{reason="unrecoverable_gap"}"#,
+        r#"bgw_handshake_rejections_total{reason="capacity"}"#,
+        r#"bgw_limit_hits_total{limit="rate"}"#,
+        "bgw_publish_errors_total",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == format!("{series} 0")),
+            "{series} does not start at 0:\n{metrics}"
+        );
+    }
+
+    let (mut client, _) = gw.connect_hello().await;
+    client.subscribe(&channel("news")).await;
+    let (status, _) = common::http_raw(
+        gw.client_addr,
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400);
+    let metrics = gw.metrics().await;
+    assert_eq!(metric_value(&metrics, "bgw_handshakes_total"), 1.0);
+    assert_eq!(metric_value(&metrics, "bgw_channels"), 1.0);
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"bgw_handshake_rejections_total{reason="bad_request"}"#
+        ),
+        1.0
+    );
+
+    drop(client);
+    gw.wait_metric_until("bgw_connections", |v| v == 0.0, "0")
+        .await;
+    let metrics = gw.metrics().await;
+    let closes: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("bgw_closes_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(closes.is_empty(), "{closes:?}");
+    assert_eq!(metric_value(&metrics, "bgw_channels"), 0.0);
+}
+
 #[tokio::test]
 async fn stats_count_connections_channels_and_messages() {
     let gw = Gateway::start(&[]);

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, timeout_at, Duration, Instant};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{error::ProtocolError, Error as WsError, Message};
 use tracing::debug;
 
 use crate::auth::Identity;
@@ -34,7 +34,7 @@ use crate::session::{LiveSession, Positions};
 use crate::wire;
 use deadlines::{Deadlines, Due};
 use transport::Io;
-pub use transport::{Close, Transport};
+pub use transport::{BacklogGauges, Close, Transport};
 
 /// How long a closing connection waits for the client's close reply, and for its backlog to go
 /// out, before it lets go.
@@ -59,7 +59,11 @@ pub async fn serve(
 ) {
     let _permit = permit;
     node.metrics.connections.inc();
-    let transport = Arc::new(Transport::new(stream, node.config.max_queue_bytes));
+    let gauges = BacklogGauges {
+        bytes: node.metrics.backlog_bytes.clone(),
+        connections: node.metrics.backlogged_connections.clone(),
+    };
+    let transport = Arc::new(Transport::new(stream, node.config.max_queue_bytes, gauges));
     let ws = WebSocket::from_partially_read(
         Io(transport.clone()),
         read_ahead.to_vec(),
@@ -327,6 +331,8 @@ fn read_error_close(error: &WsError) -> Option<Close> {
     match error {
         WsError::Capacity(_) => Some(close(CloseCode::TooBig, "frame too large")),
         WsError::Utf8(_) => Some(close(CloseCode::InvalidPayload, "invalid UTF-8")),
+        // The client went away without a close frame: nothing to send, and not a server close.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
         WsError::Protocol(_) => Some(close(CloseCode::ProtocolError, "WebSocket protocol error")),
         _ => None,
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use parking_lot::Mutex;
+use prometheus::IntGauge;
 use shared::CloseCode;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -37,6 +38,15 @@ pub struct Transport {
     state: Mutex<State>,
     /// Wakes the connection's task: a backlog to write out, or a close asked for.
     attention: Notify,
+    /// The node's gauges of backlogs, moved only when a backlog starts, changes or ends.
+    gauges: BacklogGauges,
+}
+
+/// The node's gauges of bytes waiting in backlogs, and of connections with one.
+#[derive(Clone)]
+pub struct BacklogGauges {
+    pub bytes: IntGauge,
+    pub connections: IntGauge,
 }
 
 #[derive(Default)]
@@ -56,12 +66,25 @@ struct State {
 }
 
 impl Transport {
-    pub fn new(stream: TcpStream, limit: usize) -> Self {
+    pub fn new(stream: TcpStream, limit: usize, gauges: BacklogGauges) -> Self {
         Self {
             stream,
             limit,
             state: Mutex::new(State::default()),
             attention: Notify::new(),
+            gauges,
+        }
+    }
+
+    /// Moves the gauges by what changed in the backlog since `before` (its bytes).
+    fn account(&self, state: &State, before: usize) {
+        if state.bytes != before {
+            self.gauges.bytes.add(state.bytes as i64 - before as i64);
+            match (before, state.bytes) {
+                (0, _) => self.gauges.connections.inc(),
+                (_, 0) => self.gauges.connections.dec(),
+                _ => {}
+            }
         }
     }
 
@@ -81,7 +104,9 @@ impl Transport {
         if counted && !state.backlog.is_empty() {
             let len: usize = frames.iter().map(Bytes::len).sum();
             if state.bytes + len > self.limit {
+                let before = state.bytes;
                 state.drop_backlog();
+                self.account(&state, before);
                 state.close = Some(Close {
                     code: CloseCode::SlowConsumer,
                     reason: "slow consumer",
@@ -142,6 +167,13 @@ impl Transport {
     /// error when the socket failed.
     pub fn write_backlog(&self) -> io::Result<bool> {
         let mut state = self.state.lock();
+        let before = state.bytes;
+        let result = self.write_backlog_locked(&mut state);
+        self.account(&state, before);
+        result
+    }
+
+    fn write_backlog_locked(&self, state: &mut State) -> io::Result<bool> {
         while !state.backlog.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let count = state.backlog.len().min(MAX_SLICES);
@@ -165,6 +197,12 @@ impl Transport {
     /// Writes what the socket takes of `frames` now and queues the rest; behind a backlog, all
     /// of it waits.
     fn write_or_queue(&self, state: &mut State, frames: &[Bytes]) {
+        let before = state.bytes;
+        self.queue_unwritten(state, frames);
+        self.account(state, before);
+    }
+
+    fn queue_unwritten(&self, state: &mut State, frames: &[Bytes]) {
         let mut written = 0;
         if state.backlog.is_empty() {
             match write_now(&self.stream, frames) {
@@ -194,6 +232,16 @@ impl Transport {
         }
         if was_empty && !state.backlog.is_empty() {
             self.attention.notify_one();
+        }
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        let bytes = self.state.get_mut().bytes;
+        if bytes > 0 {
+            self.gauges.bytes.sub(bytes as i64);
+            self.gauges.connections.dec();
         }
     }
 }
@@ -312,6 +360,13 @@ mod tests {
             .unwrap();
     }
 
+    fn gauges() -> BacklogGauges {
+        BacklogGauges {
+            bytes: IntGauge::new("b", "b").unwrap(),
+            connections: IntGauge::new("c", "c").unwrap(),
+        }
+    }
+
     fn frame(i: u32, len: usize) -> Bytes {
         let mut body = format!("{i:08}").into_bytes();
         body.resize(len, b'.');
@@ -329,7 +384,7 @@ mod tests {
     async fn frames_blocked_mid_frame_come_out_whole_and_in_order() {
         let (server, mut client) = pair().await;
         small_buffers(&server, &client);
-        let transport = Transport::new(server, usize::MAX);
+        let transport = Transport::new(server, usize::MAX, gauges());
         let frames: Vec<Bytes> = (0..400).map(|i| frame(i, 1000)).collect();
         let mut expected = Vec::new();
         // Singles and batches, as the fan-out sends them.
@@ -352,13 +407,19 @@ mod tests {
                 .unwrap();
         }
         assert!(reader.await.unwrap(), "bytes in order and whole");
+        assert_eq!(
+            transport.gauges.bytes.get(),
+            0,
+            "the gauges follow the backlog"
+        );
+        assert_eq!(transport.gauges.connections.get(), 0);
     }
 
     #[tokio::test]
     async fn a_full_backlog_closes_with_4030_after_the_partly_written_frame() {
         let (server, mut client) = pair().await;
         small_buffers(&server, &client);
-        let transport = Transport::new(server, 20_000);
+        let transport = Transport::new(server, 20_000, gauges());
         let mut sent = 0;
         while transport.send(&[frame(sent, 1000)], true) {
             sent += 1;
