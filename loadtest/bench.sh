@@ -100,8 +100,11 @@ trap 'exit 143' TERM
 
 # Starts a gateway node on free loopback ports (the node picks them and logs them), with the
 # given flags; sets node_pid, node_url and node_admin.
+nodes_started=0
 start_node() {
-    local log="${work}/node-${#started_pids[@]}.log" tries line
+    local log tries line
+    nodes_started=$((nodes_started + 1))
+    log="${work}/node-${nodes_started}.log"
     "${gateway}" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --max-connections 30000 \
         --drain-delay 0s --drain-window 0s --drain-timeout 1s "$@" >"${log}" 2>&1 &
     node_pid=$!
