@@ -8,11 +8,12 @@
 # Runs, one after another, each on processes of its own started here on free loopback ports:
 #   for 2,000 subscribers x 20 msg/s and 10,000 subscribers x 5 msg/s (10 s, 100-byte payloads):
 #     the floor; a gateway on the embedded broker; Redis with 2 gateways (subscribers spread
-#     over both, publishes through both)
+#     over both, publishes through both); the floor again (the ratios are to the mean of the
+#     two floors, and the two show how far the machine drifted meanwhile)
 #   10,000 subscribers x 150 msg/s on the embedded broker: deliveries/s held in overload
 #   memory per idle connection: 18,000 connections to a fresh node, without and with a
 #     subscription (all to one channel)
-# then prints the table (Markdown) and the CPU of each server process.
+# then prints the table (Markdown), the CPU of each server process, and the memory figures.
 #
 # Usage: loadtest/bench.sh [--gateway PATH] [--loadtest PATH] [--quick]
 #   --gateway, --loadtest  the binaries (default target/release/gateway and
@@ -179,44 +180,55 @@ sources=127.0.0.1,127.0.0.2
 rows=()
 notes=()
 
-# A floor row: its file, its label.
-floor_row() {
-    rows+=("| $2 | $(field frame_bytes "$1") B | $(num "$(field writes_per_second "$1")") \
-| $(num "$(field cpu_us_per_write "$1")" 2) | 1.00 | | | EAGAIN $(field eagain "$1"), \
-$(field short_sockets "$1") sockets short |")
+# The floor's CPU per write: the mean of the runs before and after a load's fan-outs.
+floor_us() {
+    awk -v a="$(field cpu_us_per_write "$1")" -v b="$(field cpu_us_per_write "$2")" \
+        'BEGIN { printf "%.4f", (a + b) / 2 }'
 }
 
-# A fan-out row: its file, its label, the floor's file, then PID=NAME of each server.
+# A floor row: the files of the runs before and after, the label.
+floor_row() {
+    local before=$1 after=$2
+    rows+=("| $3 | $(field frame_bytes "${before}") B \
+| $(num "$(field writes_per_second "${before}")") / $(num "$(field writes_per_second "${after}")") \
+| $(num "$(field cpu_us_per_write "${before}")" 2) / $(num "$(field cpu_us_per_write "${after}")" 2) \
+| 1.00 | | | EAGAIN $(($(field eagain "${before}") + $(field eagain "${after}"))), \
+$(($(field short_sockets "${before}") + $(field short_sockets "${after}"))) sockets short |")
+}
+
+# A fan-out row: its file, its label, the floor's CPU per write, then PID=NAME of each server.
 fanout_row() {
     local file=$1 label=$2 floor=$3 cpu="" server
     shift 3
     rows+=("| ${label} | $(field frame_bytes "${file}") B \
 | $(num "$(field deliveries_per_second "${file}")") \
 | $(num "$(field server_us_per_delivery "${file}")" 2) \
-| $(ratio "$(field server_us_per_delivery "${file}")" "$(field cpu_us_per_write "${floor}")") \
+| $(ratio "$(field server_us_per_delivery "${file}")" "${floor}") \
 | $(num "$(field latency_p50_ms "${file}")" 1) ms | $(num "$(field latency_p99_ms "${file}")" 1) ms \
 | $(field lost "${file}") / $(field repeated "${file}") / $(field out_of_order "${file}") |")
     for server in "$@"; do
         cpu+="${cpu:+, }${server#*=} $(num "$(field "${server%%=*}" "${file}")" 2) s"
     done
-    notes+=("${label}: ${cpu} over $(num "$(field server_deliveries "${file}")") deliveries")
+    notes+=("${label}: ${cpu} over $(num "$(field server_deliveries "${file}")") deliveries \
+($(field publish_errors "${file}") publish errors)")
 }
 
-# One load: floor, embedded broker, Redis with 2 nodes.
+# One load: the floor, one node on the embedded broker, 2 nodes on Redis, the floor again (a
+# machine shared with other work drifts; the two floors show by how much). Sets floor to the
+# floor's mean CPU per write.
 load() {
     local n=$1 rate=$2 tag="$1x$2" label
     label="$(num "${n}") x ${rate}/s"
 
-    measure "${work}/floor-${tag}.json" floor -n "${n}" -r "${rate}" -t "${seconds}s" -p "${payload}"
-    floor_row "${work}/floor-${tag}.json" "${label}: floor (write(2) only)"
+    measure "${work}/floor-${tag}-before.json" floor -n "${n}" -r "${rate}" -t "${seconds}s" \
+        -p "${payload}"
 
     start_node
     measure "${work}/embedded-${tag}.json" fanout --url "${node_url}" --admin "${node_admin}" \
         --sources "${sources}" -s "${n}" -r "${rate}" -t "${seconds}s" -p "${payload}" \
         --server-pid "${node_pid}"
     stop_started
-    fanout_row "${work}/embedded-${tag}.json" "${label}: 1 node, embedded broker" \
-        "${work}/floor-${tag}.json" "${node_pid}=node"
+    local embedded_pid=${node_pid}
 
     start_redis
     local pids="${redis_pid}" urls="" admins="" names=("${redis_pid}=Redis") i
@@ -229,12 +241,21 @@ load() {
         --sources "${sources}" -s "${n}" -r "${rate}" -t "${seconds}s" -p "${payload}" \
         --server-pid "${pids}"
     stop_started
-    fanout_row "${work}/redis-${tag}.json" "${label}: 2 nodes + Redis" \
-        "${work}/floor-${tag}.json" "${names[@]}"
+
+    measure "${work}/floor-${tag}-after.json" floor -n "${n}" -r "${rate}" -t "${seconds}s" \
+        -p "${payload}"
+    floor=$(floor_us "${work}/floor-${tag}-before.json" "${work}/floor-${tag}-after.json")
+    floor_row "${work}/floor-${tag}-before.json" "${work}/floor-${tag}-after.json" \
+        "${label}: floor (write(2) only), before / after"
+    fanout_row "${work}/embedded-${tag}.json" "${label}: 1 node, embedded broker" "${floor}" \
+        "${embedded_pid}=node"
+    fanout_row "${work}/redis-${tag}.json" "${label}: 2 nodes + Redis" "${floor}" "${names[@]}"
 }
 
 load "${small}" "${small_rate}"
 load "${large}" "${large_rate}"
+# The overload is measured against the floor of the same sockets (its frames are 2 bytes longer:
+# 4-digit seqs).
 
 start_node
 overload="${work}/overload.json"
@@ -242,7 +263,7 @@ measure "${overload}" fanout --url "${node_url}" --admin "${node_admin}" --sourc
     -s "${large}" -r "${overload_rate}" -t "${seconds}s" -p "${payload}" --server-pid "${node_pid}"
 stop_started
 fanout_row "${overload}" "$(num "${large}") x ${overload_rate}/s (overload): 1 node, embedded broker" \
-    "${work}/floor-${large}x${large_rate}.json" "${node_pid}=node"
+    "${floor}" "${node_pid}=node"
 
 memory=()
 for subscribe in "" bench.idle; do

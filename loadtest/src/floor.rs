@@ -248,13 +248,12 @@ impl Drop for Reader {
     }
 }
 
-/// The reader: opens the sockets one after another, then reads all of them (epoll, one thread)
-/// to their end; prints the bytes read, how many sockets carried other than `expect`, and its
-/// own CPU time.
+/// The reader: opens the sockets one after another, then reads all of them to their end on the
+/// same runtime as `fanout`'s subscribers (tokio's, a thread per core), so that the writer
+/// wakes a reader as the gateway wakes its clients. Prints the bytes read, how many sockets
+/// carried other than `expect`, and its own CPU time.
 pub fn read(args: ReaderArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?;
+    let runtime = tokio::runtime::Runtime::new()?;
     let (bytes, short) = runtime.block_on(async {
         let mut readers = Vec::with_capacity(args.sockets);
         for _ in 0..args.sockets {
