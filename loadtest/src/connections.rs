@@ -59,7 +59,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
                 socket::hello(&mut ws, json!({"type": "hello"})).await?;
                 if let Some(channel) = subscribe {
                     socket::send(&mut ws, json!({"type": "subscribe", "channel": channel})).await?;
-                    socket::recv(&mut ws).await?;
+                    let subscribed = socket::recv(&mut ws).await?;
+                    anyhow::ensure!(subscribed["type"] == "subscribed", "{subscribed}");
                 }
                 anyhow::Ok(ws)
             };

@@ -1,6 +1,6 @@
 //! `fanout`: S subscribers over C channels, R publishes a second for T seconds through the admin
 //! API, each payload carrying its send time: deliveries a second, latency, and lost, repeated
-//! and out-of-order messages.
+//! and out-of-order messages; with `--server-pid`, the servers' CPU time per delivery.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::admin::Admin;
+use crate::delivery;
 use crate::report::{percentiles, progress, Report};
 use crate::socket::{self, message_seq_and_time, now_micros, Targets};
 
@@ -33,7 +34,7 @@ pub struct Args {
     /// How long to publish.
     #[arg(short = 't', long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Payload bytes of each message (at least the send time's ~25).
+    /// Payload bytes of each message (at least 29: its send time).
     #[arg(short = 'p', long, default_value_t = 64)]
     payload: usize,
     /// Publishing connections to the admin API.
@@ -42,6 +43,12 @@ pub struct Args {
     /// How long subscribers may take to receive the last messages after publishing stops.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     grace: Duration,
+    /// Process ids of the servers (every gateway node, and Redis where used), comma-separated:
+    /// reports their CPU time (utime + stime from /proc/PID/stat, in clock ticks of 10 ms)
+    /// from just before the first publish until every subscriber has every message (or the
+    /// grace period ends), divided by the messages subscribers received in that time.
+    #[arg(long = "server-pid", value_delimiter = ',')]
+    server_pids: Vec<u32>,
 }
 
 /// What one subscriber saw.
@@ -54,8 +61,8 @@ struct Seen {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<Report> {
-    let run = format!("fan.{:08x}", rand::random::<u32>());
-    let channel = |i: usize| format!("{run}.{}", i % args.channels);
+    let run = rand::random::<u32>();
+    let channel = |i: usize| delivery::channel(run, i % args.channels);
     let targets = Arc::new(args.targets.clone());
     let (stop, stopped) = watch::channel(false);
     // One counter per subscriber: a single shared one, touched per message, would cost more
@@ -84,8 +91,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
 
     // Publish: message k goes to channel k mod C at start + k/R.
     let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
-    let pad = "x".repeat(args.payload.saturating_sub(30));
+    let pad = delivery::padding(args.payload);
     let bar = progress(total, "publishing");
+    let cpu_before = server_cpu(&args.server_pids)?;
     let started = Instant::now();
     let mut publishers = Vec::new();
     for p in 0..args.publishers.max(1) {
@@ -104,7 +112,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
                 let due = started + Duration::from_secs_f64(k as f64 / rate as f64);
                 tokio::time::sleep_until(due.into()).await;
                 let c = (k % channels.len() as u64) as usize;
-                let data = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_micros());
+                let data = delivery::data(now_micros(), &pad);
                 match admin.publish(&channels[c], &data).await {
                     Ok(_) => published[c] += 1,
                     Err(_) => errors += 1,
@@ -142,6 +150,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     while total_delivered() < expected && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let cpu_after = server_cpu(&args.server_pids)?;
+    let delivered_in_window = total_delivered();
     let _ = stop.send(true);
 
     let mut histogram = crate::report::histogram()?;
@@ -173,7 +183,42 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .add("repeated", repeated)
         .add("out_of_order", out_of_order);
     percentiles(&mut report, "latency", &histogram);
+    let last_seq = published[0].max(1);
+    report.add(
+        "frame_bytes",
+        delivery::frame(&channel(0), last_seq, &delivery::data(now_micros(), &pad)).len() as u64,
+    );
+    if !args.server_pids.is_empty() {
+        let spent: Vec<Duration> = cpu_after
+            .iter()
+            .zip(&cpu_before)
+            .map(|(after, before)| after.saturating_sub(*before))
+            .collect();
+        let total: Duration = spent.iter().sum();
+        let by_pid: serde_json::Map<String, serde_json::Value> = args
+            .server_pids
+            .iter()
+            .zip(&spent)
+            .map(|(pid, cpu)| (pid.to_string(), cpu.as_secs_f64().into()))
+            .collect();
+        report
+            .add("server_cpu_seconds", total.as_secs_f64())
+            .add("server_cpu_seconds_by_pid", by_pid)
+            .add("server_cpu_tick_ms", crate::cpu::tick().as_secs_f64() * 1e3)
+            .add("server_deliveries", delivered_in_window)
+            .add(
+                "server_us_per_delivery",
+                total.as_secs_f64() * 1e6 / delivered_in_window.max(1) as f64,
+            );
+    }
     Ok(report)
+}
+
+/// The CPU time each server process has used so far.
+fn server_cpu(pids: &[u32]) -> anyhow::Result<Vec<Duration>> {
+    pids.iter()
+        .map(|&pid| crate::cpu::of_process(pid))
+        .collect()
 }
 
 async fn subscriber(

@@ -4,12 +4,19 @@
 mod admin;
 mod churn;
 mod connections;
+mod cpu;
+mod delivery;
 mod drain;
 mod fanout;
+mod floor;
 mod report;
 mod socket;
 
+use std::future::Future;
+
 use clap::{Parser, Subcommand};
+
+use crate::report::Report;
 
 #[derive(Parser)]
 #[command(
@@ -37,17 +44,33 @@ enum Scenario {
     Churn(churn::Args),
     /// SIGTERM one node mid-stream: how long its clients take to resume elsewhere, and loss.
     Drain(drain::Args),
+    /// The floor under the fan-out's CPU per delivery: N loopback sockets to a reader process,
+    /// R messages a second for T, each one write(2) per socket of the frame the gateway writes
+    /// per delivery and nothing else. Reports the writer's CPU per write (user + system from
+    /// getrusage, microsecond resolution).
+    Floor(floor::Args),
+    /// The reader process of `floor`.
+    #[command(hide = true)]
+    FloorReader(floor::ReaderArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Every scenario holds a socket per client; the soft limit is often far below the hard one.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let report = match cli.scenario {
-        Scenario::Connections(args) => connections::run(args).await?,
-        Scenario::Fanout(args) => fanout::run(args).await?,
-        Scenario::Churn(args) => churn::run(args).await?,
-        Scenario::Drain(args) => drain::run(args).await?,
+        // The floor's writer runs alone on its thread: no runtime, no other work in its CPU time.
+        Scenario::Floor(args) => floor::run(args)?,
+        Scenario::FloorReader(args) => return floor::read(args),
+        Scenario::Connections(args) => on_runtime(connections::run(args))?,
+        Scenario::Fanout(args) => on_runtime(fanout::run(args))?,
+        Scenario::Churn(args) => on_runtime(churn::run(args))?,
+        Scenario::Drain(args) => on_runtime(drain::run(args))?,
     };
     report.print(cli.json);
     Ok(())
+}
+
+fn on_runtime(scenario: impl Future<Output = anyhow::Result<Report>>) -> anyhow::Result<Report> {
+    tokio::runtime::Runtime::new()?.block_on(scenario)
 }

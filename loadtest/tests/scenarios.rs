@@ -133,6 +133,54 @@ fn fanout_loses_nothing() {
 }
 
 #[test]
+fn fanout_reports_the_servers_cpu_per_delivery() {
+    let node = Node::start(&[]);
+    let (url, admin) = (node.url(), node.admin_url());
+    let pid = node.child.id().to_string();
+    let report = loadtest(&[
+        "fanout",
+        "--url",
+        &url,
+        "--admin",
+        &admin,
+        "-s",
+        "50",
+        "-r",
+        "100",
+        "-t",
+        "1s",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(report["server_deliveries"], 5000, "{report}");
+    // 5,000 deliveries and 100 publishes take the node well over one 10 ms clock tick.
+    assert!(
+        report["server_us_per_delivery"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert_eq!(
+        report["server_cpu_seconds_by_pid"][&pid], report["server_cpu_seconds"],
+        "{report}"
+    );
+}
+
+/// Message k of the floor is the frame the gateway writes for seq k: 60 bytes of text around
+/// the data and the seq, a 4-byte header at these sizes.
+#[test]
+fn floor_writes_every_frame_and_reports_cpu_per_write() {
+    let report = loadtest(&["floor", "-n", "5", "-r", "20", "-t", "500ms", "-p", "100"]);
+    let per_socket = 9 * (4 + 60 + 1 + 100) + (4 + 60 + 2 + 100);
+    assert_eq!(report["writes"], 50, "{report}");
+    assert_eq!(report["bytes_written"], 5 * per_socket, "{report}");
+    assert_eq!(report["bytes_read"], report["bytes_written"], "{report}");
+    assert_eq!(report["short_sockets"], 0, "{report}");
+    assert!(
+        report["cpu_us_per_write"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+}
+
+#[test]
 fn fanout_across_two_nodes_on_redis_loses_nothing() {
     let redis = RedisServer::start(false);
     let (a, b) = (
