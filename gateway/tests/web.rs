@@ -1,5 +1,6 @@
-//! The browser client's files on the client listener: the demo page at `/`, `/client.js` and
-//! `/client.d.ts`, byte for byte the files of `gateway/web/`; `/ws` without an upgrade stays 426.
+//! The browser client's files on the client listener: the demo page at `/`, the modules of the
+//! client and its types, byte for byte the files of `gateway/web/`; `/ws` without an upgrade
+//! stays 426.
 
 mod common;
 
@@ -37,6 +38,26 @@ async fn the_browser_client_and_its_demo_page_are_served() {
             "text/plain; charset=utf-8",
             include_str!("../web/client.d.ts"),
         ),
+        (
+            "/connection.js",
+            "text/javascript; charset=utf-8",
+            include_str!("../web/connection.js"),
+        ),
+        (
+            "/hub.js",
+            "text/javascript; charset=utf-8",
+            include_str!("../web/hub.js"),
+        ),
+        (
+            "/leader.js",
+            "text/javascript; charset=utf-8",
+            include_str!("../web/leader.js"),
+        ),
+        (
+            "/shared-worker.js",
+            "text/javascript; charset=utf-8",
+            include_str!("../web/shared-worker.js"),
+        ),
     ];
     for (path, content_type, file) in files {
         let (status, head, body) = get(&gw, path).await;
@@ -64,7 +85,14 @@ async fn ws_without_an_upgrade_is_still_426_and_other_paths_404() {
         assert_eq!(status, 426, "{path}: {head}");
         assert!(head.contains("\r\nupgrade: websocket"), "{head}");
     }
-    for path in ["/index.html", "/client", "/web/client.js", "/client.js/x"] {
+    for path in [
+        "/index.html",
+        "/client",
+        "/web/client.js",
+        "/client.js/x",
+        "/package.json",
+        "/test/client.test.mjs",
+    ] {
         assert_eq!(get(&gw, path).await.0, 404, "{path}");
     }
 }

@@ -163,12 +163,28 @@ export class Lab {
     return proxy;
   }
 
+  /**
+   * chromedriver on a free port. It binds the wildcard address, IPv4 and IPv6, which a port in
+   * use by any local socket refuses (a busy machine's outgoing connections take ports from the
+   * same range): it exits then, and another port is tried.
+   */
+  async chromedriver() {
+    for (let attempt = 1; ; attempt++) {
+      const port = await freePort();
+      const driver = this.spawn("chromedriver", [`--port=${port}`, "--allowed-ips=127.0.0.1"]);
+      const base = `http://127.0.0.1:${port}`;
+      const ready = await waitFor("chromedriver", async () => {
+        if (driver.exitCode !== null) return "exited";
+        return (await (await fetch(`${base}/status`)).json()).value.ready && "ready";
+      });
+      if (ready === "ready") return { driver, base };
+      if (attempt === 5) throw new Error(`chromedriver exited 5 times; last: ${driver.logs}`);
+    }
+  }
+
   /** Chromium, headless, with a fresh profile, driven by chromedriver. */
   async browser() {
-    const port = await freePort();
-    const driver = this.spawn("chromedriver", [`--port=${port}`, "--allowed-ips=127.0.0.1"]);
-    const base = `http://127.0.0.1:${port}`;
-    await waitFor("chromedriver", async () => (await (await fetch(`${base}/status`)).json()).value.ready);
+    const { driver, base } = await this.chromedriver();
     const args = [
       "--headless",
       "--no-sandbox",
@@ -226,6 +242,11 @@ export class Gateway {
       throw new Error(`the gateway ${this.pid} did not exit after ${signal}`);
     });
     return Promise.race([this.child.exited, deadline]);
+  }
+
+  /** `GET /v1/stats` of the admin listener: `{connections, subscriptions, ...}`. */
+  async stats() {
+    return (await fetch(`http://127.0.0.1:${this.adminPort}/v1/stats`)).json();
   }
 
   /** `POST /v1/publish`; resolves with `{channel, seq, epoch}`. */
@@ -294,6 +315,24 @@ export class Browser {
     return webdriver(this.base, method, `/session/${this.session}${path}`, body);
   }
 
+  /** A Chrome DevTools Protocol command on the current tab. */
+  cdp(cmd, params = {}) {
+    return this.command("POST", "/goog/cdp/execute", { cmd, params });
+  }
+
+  /**
+   * A new tab of this browser (same profile, so same SharedWorkers, locks and channels).
+   * `before` is a script that runs in every page it loads, before the page's own scripts.
+   */
+  async newTab({ before } = {}) {
+    // The first window stays open: WebDriver needs a current window after a tab closes.
+    this.home ??= await this.command("GET", "/window");
+    const { handle } = await this.command("POST", "/window/new", { type: "tab" });
+    const tab = new Tab(this, handle);
+    if (before) await tab.cdp("Page.addScriptToEvaluateOnNewDocument", { source: before });
+    return tab;
+  }
+
   navigate(url) {
     return this.command("POST", "/url", { url });
   }
@@ -310,6 +349,8 @@ export class Browser {
       if (!d) return null;
       return {
         state: d.client.state,
+        sharing: d.client.sharing,
+        session: d.client.session,
         node: d.client.node,
         messages: d.messages,
         subscribed: d.subscribed,
@@ -346,5 +387,61 @@ export class Browser {
       process.kill(this.driver.pid, "SIGTERM");
       await this.driver.exited;
     }
+  }
+}
+
+/**
+ * One tab of a Browser. WebDriver commands go to the current tab, so each call makes this one
+ * current first.
+ */
+export class Tab {
+  constructor(browser, handle) {
+    this.browser = browser;
+    this.handle = handle;
+  }
+
+  async use() {
+    if (this.browser.current !== this.handle) {
+      await this.browser.command("POST", "/window", { handle: this.handle });
+      this.browser.current = this.handle;
+    }
+    return this.browser;
+  }
+
+  async navigate(url) {
+    return (await this.use()).navigate(url);
+  }
+
+  async run(script, ...args) {
+    return (await this.use()).run(script, ...args);
+  }
+
+  async cdp(cmd, params) {
+    return (await this.use()).cdp(cmd, params);
+  }
+
+  async demo() {
+    return (await this.use()).demo();
+  }
+
+  async waitDemo(what, check, deadline) {
+    let last = null;
+    try {
+      return await waitFor(what, async () => {
+        last = await this.demo();
+        return last && check(last) ? last : null;
+      }, deadline);
+    } catch (e) {
+      e.message += `\nthe tab's last record: ${JSON.stringify(last).slice(0, 4000)}`;
+      throw e;
+    }
+  }
+
+  /** Closes the tab, as its user would: the page is unloaded, its locks are released. */
+  async close() {
+    await this.use();
+    await this.browser.command("DELETE", "/window");
+    await this.browser.command("POST", "/window", { handle: this.browser.home });
+    this.browser.current = this.browser.home;
   }
 }

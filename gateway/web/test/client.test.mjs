@@ -91,6 +91,7 @@ function setup(options = {}) {
   const clock = new FakeClock();
   const { FakeWebSocket, sockets } = fakeWebSocket();
   const client = new Client({
+    shared: false, // one tab alone: Node may have Web Locks and BroadcastChannel
     url: "ws://gw.test/ws",
     clock,
     random: () => 0.5, // the jitter factor 0.5 + random() is then exactly 1
