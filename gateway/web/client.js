@@ -16,7 +16,7 @@
 // again (a reconnect, or a ping, at once). Types: client.d.ts.
 
 import { ClientError, CLOSED, CONNECTING, DEFAULTS, defaultUrl, OPEN } from "./connection.js";
-import { connectionOptions, holdLock, Hub, tabLockName } from "./hub.js";
+import { applySubscribed, connectionOptions, holdLock, Hub, tabLockName } from "./hub.js";
 import { LeaderTransport } from "./leader.js";
 
 export {
@@ -32,34 +32,6 @@ export {
 
 /** Options of the connection that may cross to a worker (plain values only). */
 const PLAIN_OPTIONS = ["url", ...Object.keys(DEFAULTS)];
-
-/**
- * Applies a `subscribed` event of the shared connection to a tab's subscription `sub`
- * (`{seq, epoch, active}`: the tab's last position, and whether it was subscribed already);
- * returns whether this tab missed nothing (its `recovered`).
- *
- * `start` is where the shared connection's delivery goes on. A tab that asked for an older
- * position than that (it joined a channel another tab holds, or a replay that covers less) is
- * told it missed messages, exactly as a connection of its own would have told it.
- */
-export function applySubscribed(sub, { seq, epoch, recovered, resumed, start }) {
-  let covered = recovered;
-  if (!recovered) {
-    sub.seq = seq;
-  } else if (sub.active || resumed) {
-    // Delivery goes on from this tab's own position: what it has seen is dropped by seq. A
-    // session restored without the tab's position replays from the one the gateway stored.
-    if (sub.seq === null && !resumed) sub.seq = start ?? seq;
-  } else if (sub.seq === null) {
-    sub.seq = start ?? seq;
-  } else if (sub.seq < (start ?? seq) || (sub.epoch !== null && sub.epoch !== epoch)) {
-    sub.seq = start ?? seq;
-    covered = false;
-  }
-  sub.epoch = epoch;
-  sub.active = true;
-  return covered;
-}
 
 /** A tab's id: unique among the tabs of a browser. */
 function randomId() {

@@ -51,6 +51,34 @@ export function errorFields(e) {
   return fields;
 }
 
+/**
+ * Applies a `subscribed` event of the shared connection to a tab's subscription `sub`
+ * (`{seq, epoch, active}`: the tab's last position, and whether it was subscribed already);
+ * returns whether this tab missed nothing (its `recovered`).
+ *
+ * `start` is where the shared connection's delivery goes on. A tab that asked for an older
+ * position than that (it joined a channel another tab holds, or a replay that covers less) is
+ * told it missed messages, exactly as a connection of its own would have told it.
+ */
+export function applySubscribed(sub, { seq, epoch, recovered, resumed, start }) {
+  let covered = recovered;
+  if (!recovered) {
+    sub.seq = seq;
+  } else if (sub.active || resumed) {
+    // Delivery goes on from this tab's own position: what it has seen is dropped by seq. A
+    // session restored without the tab's position replays from the one the gateway stored.
+    if (sub.seq === null && !resumed) sub.seq = start ?? seq;
+  } else if (sub.seq === null) {
+    sub.seq = start ?? seq;
+  } else if (sub.seq < (start ?? seq) || (sub.epoch !== null && sub.epoch !== epoch)) {
+    sub.seq = start ?? seq;
+    covered = false;
+  }
+  sub.epoch = epoch;
+  sub.active = true;
+  return covered;
+}
+
 export class Hub {
   /**
    * `options`: those of the Connection (its token comes from the tabs). `ports.send(ids, msg)`
@@ -85,7 +113,7 @@ export class Hub {
     c.on("reconnect", (reconnect) => this.toJoined("reconnect", reconnect));
     c.on("subscribed", (subscribed) => {
       // `start`: where the connection's delivery goes on, so that each tab can tell whether
-      // that covers the position it asked for (see `applySubscribed` in client.js).
+      // that covers the position it asked for (`applySubscribed`).
       const start = c.channels.get(subscribed.channel)?.seq ?? null;
       this.toChannel(subscribed.channel, "subscribed", { ...subscribed, start });
     });

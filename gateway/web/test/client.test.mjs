@@ -13,78 +13,7 @@ import {
   RECONNECTING,
   backoffDelay,
 } from "../client.js";
-
-/** Timers that fire only when the test advances time. */
-class FakeClock {
-  now = 0;
-  nextId = 1;
-  timers = new Map();
-
-  setTimeout(fn, ms) {
-    const id = this.nextId++;
-    this.timers.set(id, { at: this.now + ms, fn });
-    return id;
-  }
-
-  clearTimeout(id) {
-    this.timers.delete(id);
-  }
-
-  /** Runs every timer due within `ms`, in order of due time (then of creation). */
-  advance(ms) {
-    const until = this.now + ms;
-    for (;;) {
-      let next = null;
-      for (const [id, timer] of this.timers) {
-        if (timer.at <= until && (next === null || timer.at < next.at)) next = { id, ...timer };
-      }
-      if (next === null) break;
-      this.timers.delete(next.id);
-      this.now = next.at;
-      next.fn();
-    }
-    this.now = until;
-  }
-}
-
-/** A WebSocket constructor whose sockets the test opens, feeds and closes by hand. */
-function fakeWebSocket() {
-  const sockets = [];
-  class FakeWebSocket {
-    constructor(url, protocols) {
-      this.url = url;
-      this.protocols = protocols;
-      this.sent = [];
-      this.bufferedAmount = 0;
-      this.closedWith = null;
-      sockets.push(this);
-    }
-    send(text) {
-      assert.equal(this.closedWith, null, "send on a closed socket");
-      this.sent.push(JSON.parse(text));
-    }
-    close(code, reason) {
-      this.closedWith = { code, reason };
-    }
-    // The server's side.
-    open() {
-      this.onopen({});
-    }
-    receive(frame) {
-      this.onmessage({ data: JSON.stringify(frame) });
-    }
-    serverClose(code, reason = "") {
-      this.onclose({ code, reason });
-    }
-    types() {
-      return this.sent.map((f) => f.type);
-    }
-    last() {
-      return this.sent[this.sent.length - 1];
-    }
-  }
-  return { FakeWebSocket, sockets };
-}
+import { FakeClock, fakeWebSocket } from "../testing/fakes.mjs";
 
 /** A client on fakes, with every event it emits recorded. */
 function setup(options = {}) {
