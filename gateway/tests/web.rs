@@ -22,55 +22,45 @@ async fn get(gw: &Gateway, path: &str) -> (u16, String, String) {
 #[tokio::test]
 async fn the_browser_client_and_its_demo_page_are_served() {
     let gw = Gateway::start(&[]);
-    let files = [
-        (
-            "/",
-            "text/html; charset=utf-8",
-            include_str!("../web/index.html"),
-        ),
-        (
-            "/client.js",
-            "text/javascript; charset=utf-8",
-            include_str!("../web/client.js"),
-        ),
-        (
-            "/client.d.ts",
-            "text/plain; charset=utf-8",
-            include_str!("../web/client.d.ts"),
-        ),
-        (
-            "/connection.js",
-            "text/javascript; charset=utf-8",
-            include_str!("../web/connection.js"),
-        ),
-        (
-            "/hub.js",
-            "text/javascript; charset=utf-8",
-            include_str!("../web/hub.js"),
-        ),
-        (
-            "/leader.js",
-            "text/javascript; charset=utf-8",
-            include_str!("../web/leader.js"),
-        ),
-        (
-            "/shared-worker.js",
-            "text/javascript; charset=utf-8",
-            include_str!("../web/shared-worker.js"),
-        ),
-    ];
-    for (path, content_type, file) in files {
-        let (status, head, body) = get(&gw, path).await;
+    let web = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("web");
+    // Every file of the npm package (package.json), so that what a page loads from the gateway
+    // and what an application bundles are the same client.
+    let package: serde_json::Value =
+        serde_json::from_str(include_str!("../web/package.json")).expect("package.json");
+    let mut files: Vec<(String, &str)> = package["files"]
+        .as_array()
+        .expect("files in package.json")
+        .iter()
+        .map(|file| {
+            let file = file.as_str().expect("a file name");
+            let content_type = if file.ends_with(".js") {
+                "text/javascript; charset=utf-8"
+            } else {
+                "text/plain; charset=utf-8"
+            };
+            (file.to_owned(), content_type)
+        })
+        .collect();
+    assert!(files.len() >= 6, "{files:?}");
+    files.push(("index.html".to_owned(), "text/html; charset=utf-8"));
+    for (file, content_type) in files {
+        let path = if file == "index.html" {
+            "/".to_owned()
+        } else {
+            format!("/{file}")
+        };
+        let expected = std::fs::read_to_string(web.join(&file)).expect("a file of gateway/web");
+        let (status, head, body) = get(&gw, &path).await;
         assert_eq!(status, 200, "{path}: {head}");
         assert!(
             head.contains(&format!("\r\ncontent-type: {content_type}\r\n")),
             "{path}: {head}"
         );
         assert!(
-            head.contains(&format!("\r\ncontent-length: {}\r\n", file.len())),
+            head.contains(&format!("\r\ncontent-length: {}\r\n", expected.len())),
             "{path}: {head}"
         );
-        assert_eq!(body, file, "{path}");
+        assert_eq!(body, expected, "{path}");
     }
     // The page loads the client from this listener, which connects to /ws on it.
     let (_, _, page) = get(&gw, "/").await;

@@ -88,7 +88,7 @@ class WorkerTransport {
     if (locks) {
       // The worker learns that this tab is gone when this lock is released, so the tab holds it
       // before it attaches.
-      holdLock(locks, tabLockName(client.id)).then(attach);
+      client.holdTabLock(locks).then(attach);
     } else {
       globalThis.addEventListener?.("pagehide", () => this.post({ op: "detach" }));
       attach();
@@ -149,6 +149,8 @@ export class Client {
     this.connected = false;
     /** Set by `close()`: publishes fail until `connect()`. */
     this.stopped = false;
+    /** This tab's own Web Lock, once asked for (`holdTabLock`). */
+    this.tabLock = null;
     this.listeners = new Map();
     this.transport = openTransport(this, o);
     this.listenToBrowser();
@@ -332,6 +334,15 @@ export class Client {
     const waiting = this.waiting;
     this.waiting = [];
     for (const entry of waiting) this.postRequest(entry);
+  }
+
+  /**
+   * Holds this tab's Web Lock for the life of the page: whoever else is granted it knows the tab
+   * is gone. Once, whichever way of sharing asks for it.
+   */
+  holdTabLock(locks) {
+    this.tabLock ??= holdLock(locks, tabLockName(this.id));
+    return this.tabLock;
   }
 
   /** The SharedWorker could not start: share through a leader tab, or connect alone. */

@@ -15,7 +15,7 @@
 // On the channel, a follower's frame carries `from` (its tab id); a hub's frame carries `leader`
 // (the leader's tab id) and `to` (the tab ids it is for, or null for every tab).
 
-import { connectionOptions, holdLock, Hub, tabLockName } from "./hub.js";
+import { connectionOptions, Hub, tabLockName } from "./hub.js";
 
 /** What a follower saw of the shared connection: enough for it to take the connection over. */
 export class Mirror {
@@ -92,7 +92,7 @@ export class LeaderTransport {
   start() {
     if (this.started) return;
     this.started = true;
-    holdLock(this.locks, tabLockName(this.client.id)).then(() => {
+    this.client.holdTabLock(this.locks).then(() => {
       this.holding = true;
       if (this.leader !== null) this.client.hubChanged();
       this.channel.postMessage({ op: "who", from: this.client.id });

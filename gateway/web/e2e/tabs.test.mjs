@@ -16,6 +16,13 @@ const WITHOUT_SHARED_WORKER = "delete globalThis.SharedWorker;";
 const WITHOUT_ANY_SHARING = `${WITHOUT_SHARED_WORKER}
   delete Navigator.prototype.locks;
   delete globalThis.BroadcastChannel;`;
+/** A SharedWorker whose script is not where the client says (a page that copied client.js alone). */
+const WORKER_NOT_FOUND = `{
+  const SharedWorker = globalThis.SharedWorker;
+  globalThis.SharedWorker = function (url, options) {
+    return new SharedWorker("/no-such-worker.js", options);
+  };
+}`;
 
 let lab;
 let browser;
@@ -62,7 +69,7 @@ function waitStats(gw, what, check) {
   });
 }
 
-test("SharedWorker: three tabs hold one WebSocket; each receives exactly the messages of its channels, once, in order", { timeout: TIMEOUT }, async () => {
+test("SharedWorker: three tabs hold one WebSocket; each receives exactly the messages of its channels, once, in order", { timeout: TIMEOUT }, async (t) => {
   const gw = await lab.gateway();
   const a = await openTab(gw, "a,b");
   const b = await openTab(gw, "b");
@@ -72,6 +79,7 @@ test("SharedWorker: three tabs hold one WebSocket; each receives exactly the mes
   let stats = await gw.stats();
   assert.equal(stats.connections, 1, JSON.stringify(stats));
   assert.equal(stats.subscriptions, 3, "a, b and c, each once");
+  const deliveries = stats.deliveries;
 
   const total = 20;
   for (const n of upTo(total)) {
@@ -86,6 +94,10 @@ test("SharedWorker: three tabs hold one WebSocket; each receives exactly the mes
   assert.deepEqual(demos.b.messages.map((m) => [m.channel, m.data]), upTo(total).map((n) => ["b", n]));
   assert.deepEqual(demos.c.messages.map((m) => [m.channel, m.data]), upTo(total).map((n) => ["c", n]));
   for (const demo of Object.values(demos)) assert.deepEqual(demo.errors, []);
+  // Each message crossed the network once, though b's reached two tabs.
+  stats = await gw.stats();
+  assert.equal(stats.deliveries - deliveries, 3 * total, JSON.stringify(stats));
+  t.diagnostic(`shared: ${3 * total} deliveries by the gateway for ${4 * total} messages received by the tabs`);
 
   // b is unsubscribed only when the last tab that wants it leaves.
   await b.close();
@@ -143,16 +155,17 @@ test("Web Locks and BroadcastChannel: one WebSocket; the leader tab closed mid-s
   await c.close();
 });
 
-test("without SharedWorker, Web Locks and BroadcastChannel, or with shared=false: a WebSocket per tab", { timeout: TIMEOUT }, async () => {
+test("without SharedWorker, Web Locks and BroadcastChannel, or with shared=false: a WebSocket per tab", { timeout: TIMEOUT }, async (t) => {
   const gw = await lab.gateway();
   const a = await openTab(gw, "p", { before: WITHOUT_ANY_SHARING });
   const b = await openTab(gw, "p,q", { before: WITHOUT_ANY_SHARING });
   const c = await openTab(gw, "q", { query: "&shared=false" });
   assert.deepEqual([a, b, c].map((t) => t.opened.sharing), ["none", "none", "none"]);
   assert.equal(new Set([a, b, c].map((t) => t.opened.session)).size, 3, "a session each");
-  const stats = await gw.stats();
+  let stats = await gw.stats();
   assert.equal(stats.connections, 3, JSON.stringify(stats));
   assert.equal(stats.subscriptions, 4);
+  const deliveries = stats.deliveries;
 
   for (const n of upTo(5)) {
     await gw.publish("p", n);
@@ -164,7 +177,27 @@ test("without SharedWorker, Web Locks and BroadcastChannel, or with shared=false
   assert.deepEqual(demoA.messages.map((m) => [m.channel, m.data]), upTo(5).map((n) => ["p", n]));
   assert.deepEqual([received(demoB, "p"), received(demoB, "q")], [upTo(5), upTo(5)]);
   assert.deepEqual(demoC.messages.map((m) => [m.channel, m.data]), upTo(5).map((n) => ["q", n]));
+  // Every message a tab received crossed the network to that tab.
+  stats = await gw.stats();
+  assert.equal(stats.deliveries - deliveries, 20, JSON.stringify(stats));
+  t.diagnostic("a connection per tab: 20 deliveries by the gateway for 20 messages received by the tabs");
   for (const tab of [a, b, c]) await tab.close();
+});
+
+test("a SharedWorker whose script does not load: the tabs share through a leader tab", { timeout: TIMEOUT }, async () => {
+  const gw = await lab.gateway();
+  const a = await openTab(gw, "w", { before: WORKER_NOT_FOUND });
+  const b = await openTab(gw, "w", { before: WORKER_NOT_FOUND });
+  assert.deepEqual([a.opened.sharing, b.opened.sharing], ["leader", "follower"]);
+  assert.equal((await gw.stats()).connections, 1);
+  await gw.publish("w", 1);
+  for (const tab of [a, b]) {
+    const demo = await tab.waitDemo("the message", (d) => d.messages.length === 1);
+    assert.deepEqual(received(demo, "w"), [1]);
+    assert.deepEqual(demo.errors, []);
+  }
+  await a.close();
+  await b.close();
 });
 
 for (const [path, options] of [
