@@ -120,6 +120,8 @@ export class Connection {
     this.offline = false;
     /** Subscribe and unsubscribe requests on the current socket, by id: `{kind, channel}`. */
     this.requests = new Map();
+    /** The positions the last `hello` carried. */
+    this.helloSince = {};
     this.timers = {};
     this.listeners = new Map();
   }
@@ -328,9 +330,10 @@ export class Connection {
   hello(token) {
     const frame = { type: "hello" };
     if (token !== undefined && token !== null) frame.token = token;
+    this.helloSince = {};
     if (this.session) {
       frame.session = this.session;
-      frame.since = this.positions();
+      frame.since = this.helloSince = this.positions();
     }
     this.send(frame);
   }
@@ -379,12 +382,23 @@ export class Connection {
       resumed: frame.resumed,
       heartbeat: frame.heartbeat,
     });
+    const again = new Set();
     for (const [channel, position] of Object.entries(restored)) {
-      if (this.channels.has(channel)) this.subscribed(channel, position, true);
-      else this.sendRequest("unsubscribe", channel); // unsubscribed while away
+      const sub = this.channels.get(channel);
+      if (!sub) {
+        this.sendRequest("unsubscribe", channel); // unsubscribed while away
+      } else if (sub.seq !== null && !(channel in this.helloSince)) {
+        // Subscribed from a position after `hello` went out (a tab that joined a new leader):
+        // the restored subscription replays from the gateway's stored position, which may be
+        // past it. Subscribed again, it replays from this one.
+        this.sendRequest("unsubscribe", channel);
+        again.add(channel);
+      } else {
+        this.subscribed(channel, position, true);
+      }
     }
     for (const channel of this.channels.keys()) {
-      if (!(channel in restored)) this.sendSubscribe(channel);
+      if (!(channel in restored) || again.has(channel)) this.sendSubscribe(channel);
     }
     this.setState(OPEN);
     this.heartbeat(frame.heartbeat);
@@ -413,7 +427,8 @@ export class Connection {
 
   message({ channel, seq, data }) {
     const sub = this.channels.get(channel);
-    if (!sub || (sub.seq !== null && seq <= sub.seq)) return; // unsubscribed, or a repeat
+    // Unsubscribed, subscribed again and not yet answered (see `welcome`), or a repeat.
+    if (!sub?.confirmed || (sub.seq !== null && seq <= sub.seq)) return;
     sub.seq = seq;
     this.emit("message", { channel, seq, data });
   }

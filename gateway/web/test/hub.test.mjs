@@ -311,6 +311,37 @@ test("taking over a session: hello resumes the seed's session and positions; wha
   assert.equal(t.hub.connection.state, OPEN);
 });
 
+test("a tab that joins a new leader's connection after its hello: subscribed again from the tab's position", () => {
+  const seed = { session: "s0", positions: { a: { seq: 4, epoch: "E" } } };
+  const t = setup({}, seed);
+  t.join("t1", { a: { seq: 4, epoch: "E" } });
+  t.socket().open();
+  assert.deepEqual(t.socket().sent[0].since, { a: { seq: 4, epoch: "E" } });
+  // t2 held c, which the dead leader's frames never showed this one.
+  t.join("t2", { c: { seq: 2, epoch: "G" } });
+  t.socket().receive(
+    welcome({
+      session: "s0",
+      resumed: true,
+      channels: { a: { seq: 4, epoch: "E", recovered: true }, c: { seq: 5, epoch: "G", recovered: true } },
+    }),
+  );
+  assert.deepEqual(t.frames(), [
+    { type: "unsubscribe", id: 1, channel: "c" },
+    { type: "subscribe", id: 2, channel: "c", since: { seq: 2, epoch: "G" } },
+  ]);
+  assert.deepEqual(t.events("t2", "subscribed"), [], "not until the new subscription answers");
+  // The restored subscription's replay, from where the gateway stored: ignored.
+  for (const seq of [4, 5]) t.socket().receive({ type: "message", channel: "c", seq, data: seq });
+  t.socket().receive({ type: "unsubscribed", id: 1, channel: "c" });
+  t.socket().receive({ type: "subscribed", id: 2, channel: "c", seq: 5, epoch: "G", recovered: true });
+  assert.deepEqual(t.events("t2", "subscribed"), [
+    { channel: "c", seq: 5, epoch: "G", recovered: true, resumed: false, start: 2 },
+  ]);
+  for (const seq of [3, 4, 5, 6]) t.socket().receive({ type: "message", channel: "c", seq, data: seq });
+  assert.deepEqual(t.events("t2", "message").map((m) => m.seq), [3, 4, 5, 6]);
+});
+
 test("online after offline reconnects at once, once for all the tabs that say so", () => {
   const t = setup();
   t.join("t1");
