@@ -437,6 +437,15 @@ export class Tab {
     }
   }
 
+  /** Crashes the tab's renderer: the page dies without unloading. */
+  async crash() {
+    try {
+      await this.cdp("Page.crash");
+    } catch {
+      // the command's reply dies with the renderer
+    }
+  }
+
   /** Closes the tab, as its user would: the page is unloaded, its locks are released. */
   async close() {
     await this.use();

@@ -115,7 +115,10 @@ test("SharedWorker: three tabs hold one WebSocket; each receives exactly the mes
   await waitStats(gw, "no connection once every tab closed", (s) => s.connections === 0);
 });
 
-test("Web Locks and BroadcastChannel: one WebSocket; the leader tab closed mid-stream, the other tabs lose nothing and get nothing twice", { timeout: TIMEOUT }, async () => {
+for (const [how, end] of [
+  ["closed", (tab) => tab.close()],
+  ["crashed", (tab) => tab.crash()],
+]) test(`Web Locks and BroadcastChannel: one WebSocket; the leader tab ${how} mid-stream, the other tabs lose nothing and get nothing twice`, { timeout: TIMEOUT }, async () => {
   const gw = await lab.gateway();
   const options = { before: WITHOUT_SHARED_WORKER };
   const leader = await openTab(gw, "x,y", options);
@@ -128,7 +131,7 @@ test("Web Locks and BroadcastChannel: one WebSocket; the leader tab closed mid-s
   const x = publishing(() => gw, "x");
   const y = publishing(() => gw, "y");
   await b.waitDemo("messages before the leader closes", (d) => d.messages.length >= 10);
-  await leader.close();
+  await end(leader);
   const afterClose = x.last;
   // The next leader resumes the session, and carries on the stream.
   await waitFor("messages published after the leader closed", () => x.last >= afterClose + 10);
