@@ -160,7 +160,8 @@ export interface Events {
    * A subscription started, or restarted after a reconnect (`resumed` when the session was
    * resumed). `recovered: false` means messages were lost: delivery goes on after `seq`. A tab
    * that subscribes, with `since`, to a channel another tab already holds gets the messages after
-   * the shared connection's position, and `recovered: false` when `since` was older.
+   * `since` when they are of the shared connection's epoch (it subscribes again from there), and
+   * `recovered: false` when they are of another.
    */
   subscribed: { channel: string; seq: number; epoch: string; recovered: boolean; resumed: boolean };
   unsubscribed: { channel: string };

@@ -15,7 +15,15 @@
 // The tab also relays the browser's `online`/`offline` events and a hidden tab becoming visible
 // again (a reconnect, or a ping, at once). Types: client.d.ts.
 
-import { ClientError, CLOSED, CONNECTING, DEFAULTS, defaultUrl, OPEN } from "./connection.js";
+import {
+  ClientError,
+  CLOSED,
+  CONNECTING,
+  DEFAULTS,
+  defaultUrl,
+  OPEN,
+  realClock,
+} from "./connection.js";
 import { applySubscribed, connectionOptions, holdLock, Hub, tabLockName } from "./hub.js";
 import { LeaderTransport } from "./leader.js";
 
@@ -64,19 +72,30 @@ class WorkerTransport {
     this.sharing = "worker";
     this.ready = false;
     this.local = false;
+    /** Whether the worker said anything: then its script loaded. */
+    this.answered = false;
     const name = `bgw ${client.url}`;
     // Written out so that bundlers see the worker and emit it next to this module.
     this.worker = options.workerUrl
       ? new SharedWorker(options.workerUrl, { type: "module", name })
       : new SharedWorker(new URL("./shared-worker.js", import.meta.url), { type: "module", name });
     this.port = this.worker.port;
+    const clock = options.clock ?? realClock;
     this.port.onmessage = ({ data }) => {
+      if (!this.answered) clock.clearTimeout(this.silence);
       this.answered = true;
-      client.receive(data);
+      if (client.transport === this) client.receive(data);
     };
     // The worker's script did not load (not served next to client.js, say): share otherwise.
-    this.worker.onerror = () => this.answered || client.fallBack();
+    // Browsers report that with an error event, but not always to a second tab that asked for the
+    // same worker while it was loading: a worker that says nothing in time counts as failed too.
+    const failed = () => {
+      if (!this.answered && client.transport === this) client.fallBack();
+    };
+    this.worker.onerror = failed;
+    this.silence = clock.setTimeout(failed, options.openTimeout);
     const attach = () => {
+      if (client.transport !== this) return;
       const plain = {};
       for (const key of PLAIN_OPTIONS) if (options[key] !== undefined) plain[key] = options[key];
       plain.url = client.url;
@@ -97,6 +116,12 @@ class WorkerTransport {
 
   post(msg) {
     this.port.postMessage({ ...msg, tab: this.client.id });
+  }
+
+  /** Given up on (the tab shares otherwise): a worker that was merely slow lets the tab go. */
+  close() {
+    this.port.postMessage({ op: "detach", tab: this.client.id });
+    this.port.close();
   }
 }
 
@@ -151,6 +176,8 @@ export class Client {
     this.stopped = false;
     /** This tab's own Web Lock, once asked for (`holdTabLock`). */
     this.tabLock = null;
+    /** Set when the SharedWorker did not start: this tab shares otherwise. */
+    this.workerFailed = false;
     this.listeners = new Map();
     this.transport = openTransport(this, o);
     this.listenToBrowser();
@@ -348,6 +375,7 @@ export class Client {
   /** The SharedWorker could not start: share through a leader tab, or connect alone. */
   fallBack() {
     this.workerFailed = true;
+    this.transport.close();
     this.transport = openTransport(this, this.options);
     if (this.connected) this.transport.start?.();
     if (this.transport.ready) this.hubChanged();

@@ -210,6 +210,25 @@ export class Connection {
     if (this.state === OPEN) this.sendSubscribe(channel);
   }
 
+  /**
+   * Delivery of `channel` must go on from `since`, behind where it is (a tab that joins with an
+   * older position): subscribed again from there, it replays from there. Whoever had the
+   * messages already drops them by seq.
+   */
+  rewind(channel, since) {
+    const sub = this.channels.get(channel);
+    if (!sub) return this.subscribe(channel, { since });
+    sub.seq = since.seq;
+    sub.epoch = since.epoch ?? sub.epoch; // the same sequence (a tab's `since` may omit it)
+    sub.confirmed = false; // what comes before the new `subscribed` is from the old start
+    if (this.state !== OPEN) return undefined; // the next `hello` or `welcome` takes it
+    for (const request of this.requests.values()) {
+      if (request.kind === "subscribe" && request.channel === channel) request.stale = true;
+    }
+    this.sendRequest("unsubscribe", channel);
+    return this.sendSubscribe(channel);
+  }
+
   unsubscribe(channel) {
     if (!this.channels.delete(channel)) return;
     // Also when the subscribe is still unanswered: the server takes frames in order.
@@ -348,9 +367,12 @@ export class Connection {
     switch (frame.type) {
       case "welcome":
         return this.welcome(frame);
-      case "subscribed":
+      case "subscribed": {
+        const request = this.requests.get(frame.id);
         this.requests.delete(frame.id);
+        if (request?.stale) return undefined; // a subscription asked again since (`rewind`)
         return this.subscribed(frame.channel, frame, false);
+      }
       case "message":
         return this.message(frame);
       case "pong":
@@ -385,12 +407,13 @@ export class Connection {
     const again = new Set();
     for (const [channel, position] of Object.entries(restored)) {
       const sub = this.channels.get(channel);
+      const sent = this.helloSince[channel];
       if (!sub) {
         this.sendRequest("unsubscribe", channel); // unsubscribed while away
-      } else if (sub.seq !== null && !(channel in this.helloSince)) {
-        // Subscribed from a position after `hello` went out (a tab that joined a new leader):
-        // the restored subscription replays from the gateway's stored position, which may be
-        // past it. Subscribed again, it replays from this one.
+      } else if (sub.seq !== null && (sent?.seq !== sub.seq || (sent.epoch ?? null) !== sub.epoch)) {
+        // Subscribed, or rewound, from a position after `hello` went out (a tab that joined a
+        // new leader): the restored subscription replays from another position. Subscribed
+        // again, it replays from this one.
         this.sendRequest("unsubscribe", channel);
         again.add(channel);
       } else {
@@ -438,6 +461,7 @@ export class Connection {
     if (this.pending.has(frame.id)) return this.settle(frame.id, (p) => p.reject(error));
     const request = this.requests.get(frame.id);
     this.requests.delete(frame.id);
+    if (request?.stale) return;
     if (request?.kind === "unsubscribe" && frame.code === 404) return; // it was refused anyway
     if (request?.kind === "subscribe") {
       // The subscription was refused: it is the application's to ask again.

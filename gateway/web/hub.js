@@ -79,6 +79,12 @@ export function applySubscribed(sub, { seq, epoch, recovered, resumed, start }) 
   return covered;
 }
 
+/** Whether position `since` (a tab's) is before `sub` (the connection's) in the same sequence. */
+function behind(since, sub) {
+  if (!since || sub.seq === null || since.seq >= sub.seq) return false;
+  return since.epoch === undefined || sub.epoch === null || since.epoch === sub.epoch;
+}
+
 export class Hub {
   /**
    * `options`: those of the Connection (its token comes from the tabs). `ports.send(ids, msg)`
@@ -227,6 +233,10 @@ export class Hub {
     holders.add(tab.id);
     const sub = this.connection.channels.get(channel);
     if (!sub) return this.connection.subscribe(channel, { since: since ?? undefined });
+    // Held already, from a later position than this tab's (it joins a new leader that saw more
+    // than it did, or asks for retained messages): the connection replays from this tab's, and
+    // its `subscribed` reaches this tab too.
+    if (behind(since, sub)) return this.connection.rewind(channel, since);
     // Held already: this tab starts where the connection is. Until the connection confirms the
     // subscription, its `subscribed` reaches this tab too.
     if (sub.confirmed && tab.joined) {

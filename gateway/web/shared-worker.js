@@ -17,6 +17,7 @@ function attach(port, { tab, options }) {
   ports.set(tab, port);
   // The first tab's options make the connection; the tabs of one URL have the same, most likely.
   hub ??= new Hub(options, { send });
+  port.postMessage({ type: "attached" }); // the tab knows the script loaded
   globalThis.navigator?.locks?.request(tabLockName(tab), () => detach(tab));
 }
 

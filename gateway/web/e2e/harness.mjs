@@ -120,22 +120,31 @@ export class Lab {
     return { child, port, url: `redis://127.0.0.1:${port}` };
   }
 
-  /** A gateway node on the given (or free) ports; resolves once it listens. */
+  /**
+   * A gateway node on the given (or free) ports; resolves once it listens. A free port can be
+   * taken by another process before the node binds it: then other free ports are tried.
+   */
   async gateway({ port, adminPort, flags = [] } = {}) {
-    port ??= await freePort();
-    adminPort ??= await freePort();
-    const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("BGW_")));
-    env.BGW_LOG = "info,gateway=debug";
-    const child = this.spawn(
-      gatewayBinary(),
-      ["--listen", `127.0.0.1:${port}`, "--admin-listen", `127.0.0.1:${adminPort}`, ...flags],
-      { env },
-    );
-    await waitFor(`the gateway on ${port} to listen`, () => {
-      if (child.exitCode !== null) throw new Error(`it exited: ${child.logs}`);
-      return / listening /.test(child.logs);
-    });
-    return new Gateway(child, port, adminPort);
+    const chosen = port === undefined && adminPort === undefined;
+    for (let attempt = 1; ; attempt++) {
+      const client = port ?? (await freePort());
+      const admin = adminPort ?? (await freePort());
+      const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("BGW_")));
+      env.BGW_LOG = "info,gateway=debug";
+      const child = this.spawn(
+        gatewayBinary(),
+        ["--listen", `127.0.0.1:${client}`, "--admin-listen", `127.0.0.1:${admin}`, ...flags],
+        { env },
+      );
+      const listening = await waitFor(`the gateway on ${client} to listen`, () => {
+        if (child.exitCode !== null) {
+          if (chosen && attempt < 5 && /Address already in use/.test(child.logs)) return "taken";
+          throw new Error(`it exited: ${child.logs}`);
+        }
+        return / listening /.test(child.logs) && "listening";
+      });
+      if (listening === "listening") return new Gateway(child, client, admin);
+    }
   }
 
   /**

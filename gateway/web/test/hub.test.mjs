@@ -169,15 +169,54 @@ test("a tab joining a channel held already starts where the connection is, witho
   assert.equal(t.events("early", "subscribed").length, 1, "the connection's own, when it comes");
   for (const seq of [4, 5]) t.socket().receive({ type: "message", channel: "a", seq, data: seq });
   t.join("t2", { a: null });
-  t.join("t3", { a: { seq: 2, epoch: "E" } });
+  t.join("t3", { a: { seq: 7, epoch: "E" } }); // ahead: it drops what it had by seq
+  t.join("t4", { a: { seq: 2, epoch: "old" } }); // another sequence: nothing to replay from
   assert.deepEqual(t.frames(), [{ type: "subscribe", id: 1, channel: "a" }]);
   const joined = { channel: "a", seq: 5, epoch: "E", recovered: true, resumed: false, start: 5 };
-  assert.deepEqual(t.events("t2", "subscribed"), [joined]);
-  assert.deepEqual(t.events("t3", "subscribed"), [joined]);
-  // What each tab makes of it: t3 asked for messages the shared connection will not replay.
-  const t3 = { seq: 2, epoch: "E", active: false };
-  assert.equal(applySubscribed(t3, joined), false);
-  assert.deepEqual(t3, { seq: 5, epoch: "E", active: true });
+  for (const tab of ["t2", "t3", "t4"]) assert.deepEqual(t.events(tab, "subscribed"), [joined]);
+  const t4 = { seq: 2, epoch: "old", active: false };
+  assert.equal(applySubscribed(t4, joined), false, "told it missed messages");
+  assert.deepEqual(t4, { seq: 5, epoch: "E", active: true });
+});
+
+test("a tab with an older position than the shared connection's: subscribed again from it, a replay every tab dedupes", () => {
+  const t = setup();
+  t.join("t1", { a: null });
+  open(t);
+  t.socket().receive({ type: "subscribed", id: 1, channel: "a", seq: 3, epoch: "E", recovered: true });
+  for (const seq of [4, 5]) t.socket().receive({ type: "message", channel: "a", seq, data: seq });
+  t.join("t2", { a: { seq: 2, epoch: "E" } });
+  assert.deepEqual(t.frames().slice(1), [
+    { type: "unsubscribe", id: 2, channel: "a" },
+    { type: "subscribe", id: 3, channel: "a", since: { seq: 2, epoch: "E" } },
+  ]);
+  assert.deepEqual(t.events("t2", "subscribed"), [], "not until the new subscription answers");
+  t.socket().receive({ type: "message", channel: "a", seq: 6, data: 6 }); // the old subscription's
+  // A third tab, further behind, before the answer: the pending subscription is superseded.
+  t.join("t3", { a: { seq: 1 } });
+  assert.deepEqual(t.frames().slice(3), [
+    { type: "unsubscribe", id: 4, channel: "a" },
+    { type: "subscribe", id: 5, channel: "a", since: { seq: 1, epoch: "E" } },
+  ]);
+  t.socket().receive({ type: "unsubscribed", id: 2, channel: "a" });
+  t.socket().receive({ type: "subscribed", id: 3, channel: "a", seq: 6, epoch: "E", recovered: true });
+  for (const seq of [3, 4, 5, 6]) t.socket().receive({ type: "message", channel: "a", seq, data: seq });
+  t.socket().receive({ type: "unsubscribed", id: 4, channel: "a" });
+  assert.deepEqual(t.events("t3", "subscribed"), [], "the superseded answer is ignored, and its replay");
+  t.socket().receive({ type: "subscribed", id: 5, channel: "a", seq: 6, epoch: "E", recovered: true });
+  for (const seq of [2, 3, 4, 5, 6, 7]) t.socket().receive({ type: "message", channel: "a", seq, data: seq });
+  const answer = { channel: "a", seq: 6, epoch: "E", recovered: true, resumed: false, start: 1 };
+  for (const tab of ["t1", "t2", "t3"]) {
+    assert.deepEqual(t.events(tab, "subscribed").at(-1), answer);
+    assert.deepEqual(t.events(tab, "message").map((m) => m.seq).slice(-6), [2, 3, 4, 5, 6, 7]);
+  }
+  // What each tab keeps: t1 had 5, t2 asked from 2, t3 from 1.
+  const kept = (sub) => (applySubscribed(sub, answer), sub.seq);
+  assert.deepEqual(
+    [kept({ seq: 5, epoch: "E", active: true }), kept({ seq: 2, epoch: "E", active: false }), kept({ seq: 1, epoch: null, active: false })],
+    [5, 2, 1],
+  );
+  assert.deepEqual(t.events("t1", "error"), []);
 });
 
 test("a refused subscription: every tab of the channel gets the error, and it is forgotten", () => {
