@@ -506,3 +506,37 @@ test("the URL defaults to /ws on the page's server", () => {
     globalThis.location = saved;
   }
 });
+
+test("the page's offline, online and visibilitychange reach the connection", () => {
+  const saved = { window: globalThis.window, document: globalThis.document };
+  try {
+    globalThis.window = new EventTarget();
+    const document = new EventTarget();
+    document.visibilityState = "visible";
+    globalThis.document = document;
+    const t = connected();
+    // A tab made visible again checks the connection with a ping.
+    document.visibilityState = "hidden";
+    document.dispatchEvent(new Event("visibilitychange"));
+    assert.deepEqual(t.socket().types(), ["hello"]);
+    document.visibilityState = "visible";
+    document.dispatchEvent(new Event("visibilitychange"));
+    assert.deepEqual(t.socket().types(), ["hello", "ping"]);
+    // Online after offline: a reconnect at once, and the session resumes.
+    globalThis.window.dispatchEvent(new Event("offline"));
+    assert.equal(t.client.state, OPEN, "a socket may live through a short loss");
+    globalThis.window.dispatchEvent(new Event("online"));
+    assert.deepEqual(t.of("reconnect"), [{ delay: 0, attempt: 0, code: null, reason: "the network is back" }]);
+    t.clock.advance(0);
+    assert.equal(t.sockets.length, 2);
+    t.socket().open();
+    assert.deepEqual(t.socket().sent[0], { type: "hello", session: "s1", since: {} });
+    // A closed client relays nothing.
+    t.client.close();
+    globalThis.window.dispatchEvent(new Event("offline"));
+    globalThis.window.dispatchEvent(new Event("online"));
+    assert.equal(t.sockets.length, 2);
+  } finally {
+    Object.assign(globalThis, saved);
+  }
+});
