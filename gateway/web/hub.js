@@ -56,9 +56,10 @@ export function errorFields(e) {
  * (`{seq, epoch, active}`: the tab's last position, and whether it was subscribed already);
  * returns whether this tab missed nothing (its `recovered`).
  *
- * `start` is where the shared connection's delivery goes on. A tab that asked for an older
- * position than that (it joined a channel another tab holds, or a replay that covers less) is
- * told it missed messages, exactly as a connection of its own would have told it.
+ * `start` is where the shared connection's delivery goes on. The hub subscribes again from a
+ * tab's older position of the same sequence (`behind`); a tab whose position the delivery still
+ * does not cover (one of another epoch) is told it missed messages, exactly as a connection of
+ * its own would have told it.
  */
 export function applySubscribed(sub, { seq, epoch, recovered, resumed, start }) {
   let covered = recovered;
