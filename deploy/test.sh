@@ -6,12 +6,13 @@
 #
 # Runs on a fresh Debian or Ubuntu machine with the Rust toolchain (rustup) present, from any
 # directory. What the tests need and the machine lacks is installed first, and only then:
-# redis-server and nginx (the end-to-end tests start their own on loopback ports), nodejs,
+# redis-server and nginx (the end-to-end tests start their own on loopback ports), nodejs, npm,
 # chromium and chromium-driver (the browser client's tests), shellcheck,
 # docker-compose (v1: only its `config` runs, no Docker engine needed), prometheus (the server and
 # promtool) and python3-venv with apt; hadolint, kubernetes-validate and yamllint (and PyYAML and
-# jsonschema, where no Python has them) with pip, in a virtualenv under target/; rustfmt and
-# clippy with rustup. Installing packages needs root, or sudo. The Kubernetes manifests are
+# jsonschema, where no Python has them) with pip, in a virtualenv under target/; TypeScript (the
+# version gateway/web/package.json names) with npm, under target/; rustfmt and clippy with
+# rustup. Installing packages needs root, or sudo. The Kubernetes manifests are
 # rendered with `kubectl kustomize` (or `kustomize build`) where one is installed (neither is a
 # Debian package), else validated file by file.
 set -euo pipefail
@@ -41,8 +42,10 @@ missing=()
 for program in redis-server nginx shellcheck; do
     have "${program}" || missing+=("${program}")
 done
-# The browser client's tests: Node's test runner, and headless chromium through chromedriver.
+# The browser client's tests: Node's test runner, npm (its package), and headless chromium
+# through chromedriver.
 have node || missing+=(nodejs)
+have npm || missing+=(npm)
 have chromium || missing+=(chromium)
 have chromedriver || missing+=(chromium-driver)
 # Alert rules and dashboard queries: promtool checks them, a Prometheus server answers them.
@@ -105,6 +108,16 @@ if ((${#pip_missing[@]} > 0)); then
     step "installing ${pip_missing[*]} (pip, in ${venv})"
     [[ -x ${venv}/bin/pip ]] || python3 -m venv "${venv}"
     "${venv}/bin/pip" install --quiet --disable-pip-version-check "${pip_missing[@]}"
+fi
+
+# TypeScript checks the browser client's declarations, at the version its package names.
+npm_tools="${CARGO_TARGET_DIR:-target}/deploy-tools/npm"
+typescript=$(node -p 'require("./gateway/web/package.json").devDependencies.typescript')
+tsc="${npm_tools}/node_modules/.bin/tsc"
+if [[ ! -x ${tsc} || $("${tsc}" --version) != "Version ${typescript}" ]]; then
+    step "installing typescript@${typescript} (npm, in ${npm_tools})"
+    npm install --prefix "${npm_tools}" --no-save --no-audit --no-fund --loglevel=error \
+        "typescript@${typescript}"
 fi
 
 work=$(mktemp -d)
@@ -243,8 +256,11 @@ cargo build -p gateway -p loadtest
 python3 deploy/prometheus/check.py live --gateway "${CARGO_TARGET_DIR:-target}/debug/gateway" \
     --loadtest "${CARGO_TARGET_DIR:-target}/debug/loadtest"
 
-step "node --test gateway/web/test/ (the browser client on a fake clock and WebSocket)"
+step "node --test gateway/web/test/ (the browser client on a fake clock, WebSocket and Web Locks; npm pack)"
 node --test gateway/web/test/
+
+step "tsc -p gateway/web/test (the browser client's types, and a program written against them)"
+"${tsc}" -p gateway/web/test
 
 step "node --test gateway/web/e2e/ (the browser client in headless chromium, real nodes)"
 cargo build -p gateway

@@ -30,10 +30,14 @@ use crate::node::Node;
 type Body = Full<Bytes>;
 
 /// The browser client (`gateway/web/`), built into the binary so that it stays a single file:
-/// a demo page at `/`, the client module and its TypeScript types.
+/// a demo page at `/`, the client's modules and its TypeScript types.
 const INDEX_HTML: &str = include_str!("../web/index.html");
 const CLIENT_JS: &str = include_str!("../web/client.js");
 const CLIENT_D_TS: &str = include_str!("../web/client.d.ts");
+const CONNECTION_JS: &str = include_str!("../web/connection.js");
+const HUB_JS: &str = include_str!("../web/hub.js");
+const LEADER_JS: &str = include_str!("../web/leader.js");
+const SHARED_WORKER_JS: &str = include_str!("../web/shared-worker.js");
 
 /// Accepts client sockets until `stop`, each served on a task that `tasks` tracks.
 pub async fn run(
@@ -102,6 +106,10 @@ fn route(
         "/" => file("text/html; charset=utf-8", INDEX_HTML),
         "/client.js" => file("text/javascript; charset=utf-8", CLIENT_JS),
         "/client.d.ts" => file("text/plain; charset=utf-8", CLIENT_D_TS),
+        "/connection.js" => file("text/javascript; charset=utf-8", CONNECTION_JS),
+        "/hub.js" => file("text/javascript; charset=utf-8", HUB_JS),
+        "/leader.js" => file("text/javascript; charset=utf-8", LEADER_JS),
+        "/shared-worker.js" => file("text/javascript; charset=utf-8", SHARED_WORKER_JS),
         _ => status(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -32,9 +32,34 @@ export interface SocketLike {
   close(code?: number, reason?: string): void;
 }
 
+/** Where a tab's connection runs; see `Client.sharing`. */
+export type Sharing = "worker" | "leader" | "follower" | "none";
+
+/** The part of the Web Locks API the client uses (`navigator.locks`). */
+export interface LockManagerLike {
+  request(name: string, callback: (lock: unknown) => unknown): Promise<unknown>;
+}
+
 export interface Options {
   /** The gateway's WebSocket URL. Default: `/ws` on the page's own server (ws: or wss:). */
   url?: string;
+  /**
+   * Share one WebSocket (one session, one copy of each message) between the tabs of this origin
+   * that use the same `url`: through a SharedWorker where the browser has one, else through a
+   * leader tab elected with Web Locks that the other tabs reach over a BroadcastChannel, else
+   * (and with `false`) a connection per tab. Default `true`.
+   *
+   * The shared connection uses the options of the context that runs it (the worker: those of
+   * the first tab that attached; the leader: its own), and the token of the leader tab, else of
+   * the tab that supplied one last.
+   */
+  shared?: boolean;
+  /**
+   * URL of `shared-worker.js`. Default: next to this module (a bundler that knows
+   * `new SharedWorker(new URL(..., import.meta.url))` emits it there). When it fails to load,
+   * the tabs share through a leader tab instead.
+   */
+  workerUrl?: string | URL;
   /**
    * The token sent in `hello`, or a callback asked before every connection (it may return a
    * promise). Default: none (the gateway may still take a cookie).
@@ -60,15 +85,42 @@ export interface Options {
   highWaterMark?: number;
   /** How often a paused queue looks at bufferedAmount again, ms. Default 50. */
   pollInterval?: number;
+  /**
+   * After a leader tab is gone, how long its successor keeps the channels of the session that no
+   * tab has claimed again yet, ms. Default 5000.
+   */
+  handoverGrace?: number;
   /** Default: the global timers. */
   clock?: Clock;
   /** A number in [0, 1). Default: `Math.random`. */
   random?: () => number;
   /** Default: the global `WebSocket`. */
   WebSocket?: new (url: string, protocols?: string[]) => SocketLike;
+  /** For the leader tab's election. Default: `navigator.locks`. */
+  locks?: LockManagerLike;
+  /** For followers to reach the leader tab. Default: the global `BroadcastChannel`. */
+  BroadcastChannel?: new (name: string) => {
+    onmessage: ((event: { data: any }) => void) | null;
+    postMessage(message: unknown): void;
+  };
 }
 
-export const DEFAULTS: Readonly<Required<Omit<Options, "url" | "token" | "clock" | "random" | "WebSocket">>>;
+export const DEFAULTS: Readonly<
+  Required<
+    Omit<
+      Options,
+      | "url"
+      | "token"
+      | "clock"
+      | "random"
+      | "WebSocket"
+      | "shared"
+      | "workerUrl"
+      | "locks"
+      | "BroadcastChannel"
+    >
+  >
+>;
 export const realClock: Clock;
 
 /** `min(maxDelay, minDelay * 2^attempt) * (0.5 + random())`. */
@@ -87,7 +139,7 @@ export type ErrorCode =
   | "server" // an `error` frame: `status` is its code (400, 401, 403, 404, 413, 429, 503)
   | "bad_frame" // the server sent something that is not JSON
   | "queue_full" // publish: maxQueue frames already wait
-  | "connection_lost" // publish: the connection was lost before the reply
+  | "connection_lost" // publish: the connection (or the leader tab that held it) was lost before the reply
   | "closed"; // publish: the client was closed
 
 export class ClientError extends Error {
@@ -106,29 +158,48 @@ export interface Events {
   welcome: { session: string; node: string; resumed: boolean; heartbeat: number };
   /**
    * A subscription started, or restarted after a reconnect (`resumed` when the session was
-   * resumed). `recovered: false` means messages were lost: delivery goes on after `seq`.
+   * resumed). `recovered: false` means messages were lost: delivery goes on after `seq`. A tab
+   * that subscribes, with `since`, to a channel another tab already holds gets the messages after
+   * `since` when they are of the shared connection's epoch (it subscribes again from there), and
+   * `recovered: false` when they are of another.
    */
   subscribed: { channel: string; seq: number; epoch: string; recovered: boolean; resumed: boolean };
   unsubscribed: { channel: string };
   /** Each message once, in seq order per channel. */
   message: { channel: string; seq: number; data: Json };
-  /** A reconnect is scheduled after `delay` ms; `code` is the close code that caused it, if any. */
+  /**
+   * A reconnect is scheduled after `delay` ms; `code` is the close code that caused it, if any
+   * (none, and delay 0, when the browser came back online).
+   */
   reconnect: { delay: number; attempt: number; code: number | null; reason: string };
   error: ClientError | Error;
 }
 
+/** Each tab is a `Client`; by default the tabs of an origin share its connection (`shared`). */
 export class Client {
   constructor(options?: Options);
+  /** The shared connection's state, while this tab is connected; CLOSED after `close()`. */
   readonly state: State;
   /** The session of the last `welcome`, resumed on reconnect. */
   readonly session: string | null;
   /** The node of the current connection. */
   readonly node: string | null;
+  /**
+   * Where the connection runs: `worker` (a SharedWorker), `leader` (this tab, for the other tabs
+   * too), `follower` (another tab), `none` (this tab, for itself).
+   */
+  readonly sharing: Sharing;
   on<K extends keyof Events>(type: K, fn: (event: Events[K]) => void): () => void;
   off<K extends keyof Events>(type: K, fn: (event: Events[K]) => void): void;
-  /** Connects (again), asking the token callback afresh. */
+  /**
+   * Connects: joins the shared connection, which connects if it is not connected or connecting
+   * (asking the token afresh).
+   */
   connect(): void;
-  /** Closes for good: no reconnect; queued and unanswered publishes fail with `closed`. */
+  /**
+   * Closes this tab's client for good: its subscriptions are released, its queued and unanswered
+   * publishes fail with `closed`; the connection closes with the last tab.
+   */
   close(): void;
   /** A new token; after a close 4001 the client reconnects with it. */
   setToken(token: Options["token"]): void;

@@ -1,119 +1,194 @@
 // The browser client of the broadcast gateway (wire contract: PROTOCOL.md, version 1).
 //
-// A dependency-free ES module: `import { Client } from "/client.js"`. It keeps one WebSocket to
-// the gateway's `/ws` and hides its losses from the application:
-// - reconnects with exponential backoff (1 s, 2 s, 4 s ... capped at 30 s, each delay multiplied
-//   by 0.5 + random), at most `maxAttempts` times in a row before it gives up with an error;
-//   after a close 1001 (a draining node) it reconnects at once, with a small jitter;
-// - asks the token callback again before every connection, and after a close 4001 stops until
-//   the application supplies a new token (`setToken`) or calls `connect()` again;
-// - resumes: sends its session id and the last seq and epoch of every channel in `hello`,
-//   resubscribes from those positions when the session is gone, drops repeated seqs and tells
-//   the application when messages were lost (`subscribed` with `recovered: false`);
-// - sends `ping` every heartbeat interval of `welcome`; no `pong` within `pongTimeout` means
-//   the connection is dead: it is dropped and replaced;
-// - queues publishes (bounded) until `welcome`, and holds them while the socket's
-//   `bufferedAmount` is above `highWaterMark`.
-// The clock, the random source and the WebSocket constructor are options, so that tests fake
-// them. Types: client.d.ts.
+// A dependency-free ES module: `import { Client } from "/client.js"`. A `Client` is one tab's
+// view of a connection to the gateway. By default (option `shared`) the tabs of an origin that
+// use the same URL share one WebSocket, one session, and one copy of every message:
+// - through a SharedWorker (shared-worker.js) where the browser has one;
+// - else through a leader tab elected with the Web Locks API, which the other tabs reach over a
+//   BroadcastChannel (leader.js); when it closes or crashes, another tab takes the session over
+//   from the last positions it saw;
+// - else, and with `shared: false`, each tab connects on its own.
+// The connection (connection.js: reconnect, resume, heartbeat, publish queue) runs in a hub
+// (hub.js) that counts the tabs of each channel and routes between them and the connection. A
+// tab keeps its own subscriptions and positions and drops repeated seqs, so it gets every
+// message of its channels once and in order, whichever context holds the socket.
+// The tab also relays the browser's `online`/`offline` events and a hidden tab becoming visible
+// again (a reconnect, or a ping, at once). Types: client.d.ts.
 
-export const CONNECTING = "CONNECTING";
-export const OPEN = "OPEN";
-export const RECONNECTING = "RECONNECTING";
-export const CLOSED = "CLOSED";
+import {
+  ClientError,
+  CLOSED,
+  CONNECTING,
+  DEFAULTS,
+  defaultUrl,
+  OPEN,
+  realClock,
+} from "./connection.js";
+import { applySubscribed, connectionOptions, holdLock, Hub, tabLockName } from "./hub.js";
+import { LeaderTransport } from "./leader.js";
 
-/** The defaults of every tunable option; each is documented in client.d.ts. */
-export const DEFAULTS = Object.freeze({
-  protocols: ["bgw.v1"],
-  minDelay: 1000,
-  maxDelay: 30000,
-  maxAttempts: 10,
-  drainJitter: 500,
-  pongTimeout: 10000,
-  openTimeout: 10000,
-  maxQueue: 1024,
-  highWaterMark: 1024 * 1024,
-  pollInterval: 50,
-});
+export {
+  backoffDelay,
+  ClientError,
+  CLOSED,
+  CONNECTING,
+  DEFAULTS,
+  OPEN,
+  RECONNECTING,
+  realClock,
+} from "./connection.js";
 
-/** The real clock: the global timers. */
-export const realClock = {
-  setTimeout: (fn, ms) => globalThis.setTimeout(fn, ms),
-  clearTimeout: (id) => globalThis.clearTimeout(id),
-};
+/** Options of the connection that may cross to a worker (plain values only). */
+const PLAIN_OPTIONS = ["url", ...Object.keys(DEFAULTS)];
 
-/**
- * The delay before reconnect attempt `attempt` (0 for the first): `minDelay * 2^attempt`, capped
- * at `maxDelay`, multiplied by `0.5 + random()`.
- */
-export function backoffDelay(attempt, random = Math.random, options = DEFAULTS) {
-  const base = Math.min(options.maxDelay, options.minDelay * 2 ** attempt);
-  return base * (0.5 + random());
+/** A tab's id: unique among the tabs of a browser. */
+function randomId() {
+  const crypto = globalThis.crypto;
+  if (typeof crypto?.randomUUID === "function") return crypto.randomUUID();
+  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
 }
 
-/** An error the client reports; `code` says what went wrong (see client.d.ts). */
-export class ClientError extends Error {
-  constructor(code, message, details = {}) {
-    super(message);
-    this.name = "ClientError";
-    this.code = code;
-    Object.assign(this, details);
+/** A hub in this tab, for this tab alone. */
+class LocalTransport {
+  constructor(client, options) {
+    this.client = client;
+    this.sharing = "none";
+    this.ready = true;
+    this.local = true;
+    this.hub = new Hub(connectionOptions(options), {
+      send: (ids, msg) => ids.includes(client.id) && client.receive(msg),
+    });
+  }
+
+  post(msg) {
+    this.hub.receive(this.client.id, msg);
   }
 }
 
-/** The URL of `/ws` on the server that served the page (`ws:` or `wss:` after its scheme). */
-function defaultUrl() {
-  const location = globalThis.location;
-  if (!location) {
-    throw new ClientError("no_url", "no `url` option and no page location to derive it from");
+/** The hub of a SharedWorker, one per gateway URL, reached over this tab's MessagePort. */
+class WorkerTransport {
+  constructor(client, options) {
+    this.client = client;
+    this.sharing = "worker";
+    this.ready = false;
+    this.local = false;
+    /** Whether the worker said anything: then its script loaded. */
+    this.answered = false;
+    const name = `bgw ${client.url}`;
+    // Written out so that bundlers see the worker and emit it next to this module.
+    this.worker = options.workerUrl
+      ? new SharedWorker(options.workerUrl, { type: "module", name })
+      : new SharedWorker(new URL("./shared-worker.js", import.meta.url), { type: "module", name });
+    this.port = this.worker.port;
+    const clock = options.clock ?? realClock;
+    this.port.onmessage = ({ data }) => {
+      if (!this.answered) clock.clearTimeout(this.silence);
+      this.answered = true;
+      if (client.transport === this) client.receive(data);
+    };
+    // The worker's script did not load (not served next to client.js, say): share otherwise.
+    // Browsers report that with an error event, but not always to a second tab that asked for the
+    // same worker while it was loading: a worker that says nothing in time counts as failed too.
+    const failed = () => {
+      if (!this.answered && client.transport === this) client.fallBack();
+    };
+    this.worker.onerror = failed;
+    this.silence = clock.setTimeout(failed, options.openTimeout);
+    const attach = () => {
+      if (client.transport !== this) return;
+      const plain = {};
+      for (const key of PLAIN_OPTIONS) if (options[key] !== undefined) plain[key] = options[key];
+      plain.url = client.url;
+      this.port.postMessage({ op: "attach", tab: client.id, options: plain });
+      this.ready = true;
+      client.hubChanged();
+    };
+    const locks = globalThis.navigator?.locks;
+    if (locks) {
+      // The worker learns that this tab is gone when this lock is released, so the tab holds it
+      // before it attaches.
+      client.holdTabLock(locks).then(attach);
+    } else {
+      globalThis.addEventListener?.("pagehide", () => this.post({ op: "detach" }));
+      attach();
+    }
   }
-  const url = new URL("/ws", location.href);
-  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  return url.href;
+
+  post(msg) {
+    this.port.postMessage({ ...msg, tab: this.client.id });
+  }
+
+  /** Given up on (the tab shares otherwise): a worker that was merely slow lets the tab go. */
+  close() {
+    this.port.postMessage({ op: "detach", tab: this.client.id });
+    this.port.close();
+  }
+}
+
+/** The way to the hub: the first of a SharedWorker, a leader tab, this tab alone that works. */
+function openTransport(client, options) {
+  if (options.shared !== false) {
+    if (typeof globalThis.SharedWorker === "function" && !client.workerFailed) {
+      try {
+        return new WorkerTransport(client, options);
+      } catch {
+        // blocked (a content security policy, a sandboxed frame): share otherwise
+      }
+    }
+    const locks = options.locks ?? globalThis.navigator?.locks;
+    const BroadcastChannel = options.BroadcastChannel ?? globalThis.BroadcastChannel;
+    if (locks && typeof BroadcastChannel === "function") {
+      return new LeaderTransport(client, options, { locks, BroadcastChannel });
+    }
+  }
+  return new LocalTransport(client, options);
 }
 
 export class Client {
   constructor(options = {}) {
-    const o = { ...DEFAULTS, ...options };
+    const o = { ...DEFAULTS, shared: true, ...options };
     this.options = o;
     this.url = o.url ?? defaultUrl();
-    this.clock = o.clock ?? realClock;
-    this.random = o.random ?? Math.random;
-    this.WebSocket = o.WebSocket ?? globalThis.WebSocket;
     /** The token, or the callback that gives one before each connection. */
     this.token = o.token;
+    /** This tab's name towards the hub. */
+    this.id = randomId();
 
     this.state = CLOSED;
-    /** The session to resume, from the last `welcome`. */
+    /** The session of the shared connection, from its last `welcome`. */
     this.session = null;
-    /** The node of the current connection, from its `welcome`. */
+    /** The node of the shared connection, from its last `welcome`. */
     this.node = null;
     /**
-     * Every channel the application subscribed to: `{seq, epoch}`. `seq` is the last seq
-     * delivered (or the start of the subscription), `null` when unknown.
+     * Every channel this tab subscribed to: `{seq, epoch, active}`. `seq` is the last seq
+     * delivered to this tab (or the start of its subscription), `null` when unknown; `active`
+     * once the hub said `subscribed` for this tab.
      */
     this.channels = new Map();
-    /** Publishes not yet written to a socket: `{id, text}`. */
-    this.queue = [];
-    /** Requests sent or queued, by id, waiting for their reply: `{resolve, reject, sent}`. */
+    /** Requests to the hub, by id, waiting for their reply: `{resolve, reject, posted, msg}`. */
     this.pending = new Map();
+    /** Requests made while no hub is reachable yet (a leader is being elected). */
+    this.waiting = [];
     this.nextId = 1;
-    /** Consecutive connection attempts that did not reach `welcome`. */
-    this.attempts = 0;
-    /** Set by `close()` and by giving up: no more connections until `connect()`. */
+    /** Between `connect()` and `close()`: the hub counts this tab in. */
+    this.connected = false;
+    /** Set by `close()`: publishes fail until `connect()`. */
     this.stopped = false;
-    /** The current socket; each socket's handlers check that it is still the current one. */
-    this.ws = null;
-    /** Counts connection attempts, so that a token that comes after a newer attempt is dropped. */
-    this.generation = 0;
-    /** Whether the current socket got its `welcome`. */
-    this.welcomed = false;
-    /** Whether the server closed with 4001: no reconnect until a new token. */
-    this.unauthorized = false;
-    /** Subscribe and unsubscribe requests on the current socket, by id: `{kind, channel}`. */
-    this.requests = new Map();
-    this.timers = {};
+    /** This tab's own Web Lock, once asked for (`holdTabLock`). */
+    this.tabLock = null;
+    /** Set when the SharedWorker did not start: this tab shares otherwise. */
+    this.workerFailed = false;
     this.listeners = new Map();
+    this.transport = openTransport(this, o);
+    this.listenToBrowser();
+  }
+
+  /**
+   * Where this tab's connection runs: `worker` (a SharedWorker), `leader` (this tab, for the
+   * others too), `follower` (another tab), `none` (this tab alone).
+   */
+  get sharing() {
+    return this.transport.sharing;
   }
 
   // --- events -------------------------------------------------------------------------------
@@ -134,7 +209,7 @@ export class Client {
       try {
         fn(event);
       } catch (e) {
-        // A failing listener must not break the connection; report it where it can be seen.
+        // A failing listener must not break the client; report it where it can be seen.
         if (type !== "error") this.emit("error", e);
         else globalThis.console?.error(e);
       }
@@ -148,35 +223,36 @@ export class Client {
     this.emit("state", { state, previous });
   }
 
-  fail(code, message, details) {
-    this.emit("error", new ClientError(code, message, details));
-  }
-
   // --- the application's calls --------------------------------------------------------------
 
-  /** Connects (again), asking the token callback afresh. */
+  /**
+   * Connects: joins the shared connection (which connects, if it does not yet), or connects again
+   * after a close, asking the token callback afresh.
+   */
   connect() {
     this.stopped = false;
-    this.attempts = 0;
-    this.clearTimer("reconnect");
-    this.drop(1000, "reconnecting");
-    this.setState(CONNECTING);
-    this.open();
+    this.connected = true;
+    if (this.state === CLOSED) this.setState(CONNECTING);
+    this.transport.start?.();
+    if (this.transport.ready) this.transport.post(this.joinMessage());
   }
 
-  /** Closes the connection for good: no reconnect, queued and unanswered requests fail. */
+  /**
+   * Closes this tab's client for good: its subscriptions are released, its queued and
+   * unanswered requests fail; the connection closes with the last tab.
+   */
   close() {
     this.stopped = true;
-    this.clearTimer("reconnect");
-    this.drop(1000, "client closed");
+    this.connected = false;
     this.rejectAll(new ClientError("closed", "the client was closed"));
+    if (this.transport.ready) this.transport.post({ op: "leave" });
     this.setState(CLOSED);
   }
 
   /** Supplies a new token; after a close 4001 the client connects again with it. */
   setToken(token) {
     this.token = token;
-    if (this.state === CLOSED && this.unauthorized && !this.stopped) this.connect();
+    this.postState({ op: "token", token: this.describeToken() });
   }
 
   /**
@@ -185,28 +261,29 @@ export class Client {
    */
   subscribe(channel, { since } = {}) {
     if (this.channels.has(channel)) return;
-    this.channels.set(channel, { seq: since?.seq ?? null, epoch: since?.epoch ?? null });
-    if (this.state === OPEN) this.sendSubscribe(channel);
+    const sub = { seq: since?.seq ?? null, epoch: since?.epoch ?? null, active: false };
+    this.channels.set(channel, sub);
+    this.postState({ op: "subscribe", channel, since: position(sub) });
   }
 
   unsubscribe(channel) {
     if (!this.channels.delete(channel)) return;
-    // Also when the subscribe is still unanswered: the server takes frames in order.
-    if (this.state === OPEN) this.sendRequest("unsubscribe", channel);
+    this.postState({ op: "unsubscribe", channel });
   }
 
   /** The last delivered position of every channel: `{channel: {seq, epoch}}`. */
   positions() {
     const out = {};
-    for (const [channel, { seq, epoch }] of this.channels) {
-      if (seq !== null) out[channel] = epoch === null ? { seq } : { seq, epoch };
+    for (const [channel, sub] of this.channels) {
+      const at = position(sub);
+      if (at) out[channel] = at;
     }
     return out;
   }
 
   /**
    * Publishes `data` (any JSON value) to `channel`; resolves with `{channel, seq}` when the
-   * server confirms it. Queued while the client is not OPEN or the socket's buffer is full; a
+   * server confirms it. Queued while the connection is not OPEN or the socket's buffer is full; a
    * publish written to a connection that is lost before its reply fails with
    * `connection_lost` (it may or may not have been published) and is not sent again.
    */
@@ -214,338 +291,195 @@ export class Client {
     if (this.stopped) {
       return Promise.reject(new ClientError("closed", "the client was closed"));
     }
-    if (this.queue.length >= this.options.maxQueue) {
-      return Promise.reject(
-        new ClientError("queue_full", `more than ${this.options.maxQueue} frames queued`),
-      );
-    }
-    const id = this.nextId++;
-    const text = JSON.stringify({ type: "publish", id, channel, data });
-    const reply = new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, sent: false });
-    });
-    this.queue.push({ id, text });
-    this.flush();
-    return reply;
+    return this.request({ op: "publish", channel, data });
   }
 
   /** Sends a new token on the open connection (before the old one expires); also keeps it. */
   refresh(token) {
     this.token = token;
-    if (this.state !== OPEN) return Promise.resolve({ expires: null });
-    return this.request({ type: "refresh", token });
+    if (this.state !== OPEN) {
+      this.postState({ op: "token", token: this.describeToken() });
+      return Promise.resolve({ expires: null });
+    }
+    return this.request({ op: "refresh", token });
   }
 
-  // --- the connection -----------------------------------------------------------------------
+  // --- towards the hub ----------------------------------------------------------------------
 
-  async open() {
-    const generation = ++this.generation;
-    let token = this.token;
-    try {
-      if (typeof token === "function") {
-        token = token();
-        if (token && typeof token.then === "function") {
-          token = await token;
-          if (generation !== this.generation) return; // connect() or close() came meanwhile
-        }
-      }
-    } catch (e) {
-      if (generation !== this.generation) return;
-      this.fail("token", `the token callback failed: ${e?.message ?? e}`, { cause: e });
-      return this.lost(null, "token callback failed");
+  /** This tab's whole state, for a hub that does not know it yet (or to connect). */
+  joinMessage() {
+    const channels = {};
+    for (const [channel, sub] of this.channels) channels[channel] = position(sub);
+    const offline = globalThis.navigator?.onLine === false;
+    return { op: "join", channels, token: this.describeToken(), offline };
+  }
+
+  /** Tells the hub a change of this tab's state; a hub reached later gets it in `join`. */
+  postState(msg) {
+    if (this.connected && this.transport.ready) this.transport.post(msg);
+  }
+
+  describeToken() {
+    const token = this.token;
+    const local = this.transport?.local ?? false;
+    if (token === undefined || token === null) return { kind: "none" };
+    if (typeof token !== "function") return { kind: "value", value: token, local };
+    return local ? { kind: "callback", call: token, local } : { kind: "callback" };
+  }
+
+  request(msg) {
+    if (!this.transport.ready && this.waiting.length >= this.options.maxQueue) {
+      return Promise.reject(
+        new ClientError("queue_full", `more than ${this.options.maxQueue} frames queued`),
+      );
     }
-    let ws;
-    try {
-      ws = new this.WebSocket(this.url, this.options.protocols);
-    } catch (e) {
-      this.fail("socket", `cannot open a WebSocket: ${e?.message ?? e}`, { cause: e });
-      return this.lost(null, "cannot open a WebSocket");
-    }
-    this.ws = ws;
-    this.welcomed = false;
-    this.unauthorized = false;
-    const current = () => this.ws === ws;
-    ws.onopen = () => current() && this.hello(token);
-    ws.onmessage = (event) => current() && this.receive(event.data);
-    ws.onclose = (event) => current() && this.closed(event.code, event.reason);
-    ws.onerror = () => {}; // a close event follows, with its code
-    this.setTimer("open", this.options.openTimeout, () => {
-      this.drop(1000, "no welcome in time");
-      this.lost(null, "no welcome in time");
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      const entry = { resolve, reject, posted: false, msg: { ...msg, id } };
+      this.pending.set(id, entry);
+      if (this.transport.ready) this.postRequest(entry);
+      else this.waiting.push(entry);
     });
   }
 
-  hello(token) {
-    const frame = { type: "hello" };
-    if (token !== undefined && token !== null) frame.token = token;
-    if (this.session) {
-      frame.session = this.session;
-      frame.since = this.positions();
-    }
-    this.send(frame);
+  postRequest(entry) {
+    entry.posted = true;
+    this.transport.post(entry.msg);
   }
 
-  receive(text) {
-    let frame;
-    try {
-      frame = JSON.parse(text);
-    } catch {
-      return this.fail("bad_frame", "the server sent a frame that is not JSON");
+  /**
+   * A hub became reachable, or another one took over (the leader tab is gone): what was asked
+   * of the old one is lost, and the new one learns this tab's state.
+   */
+  hubChanged() {
+    for (const [id, entry] of this.pending) {
+      if (!entry.posted) continue;
+      this.pending.delete(id);
+      entry.reject(new ClientError("connection_lost", "the connection was lost before the reply"));
     }
-    switch (frame.type) {
-      case "welcome":
-        return this.welcome(frame);
-      case "subscribed":
-        this.requests.delete(frame.id);
-        return this.subscribed(frame.channel, frame, false);
-      case "message":
-        return this.message(frame);
-      case "pong":
-        return this.clearTimer("pong");
-      case "unsubscribed":
-        this.requests.delete(frame.id);
-        return this.emit("unsubscribed", { channel: frame.channel });
-      case "published":
-      case "refreshed":
-        return this.settle(frame.id, (p) => p.resolve(reply(frame)));
-      case "error":
-        return this.serverError(frame);
+    if (this.connected) this.transport.post(this.joinMessage());
+    const waiting = this.waiting;
+    this.waiting = [];
+    for (const entry of waiting) this.postRequest(entry);
+  }
+
+  /**
+   * Holds this tab's Web Lock for the life of the page: whoever else is granted it knows the tab
+   * is gone. Once, whichever way of sharing asks for it.
+   */
+  holdTabLock(locks) {
+    this.tabLock ??= holdLock(locks, tabLockName(this.id));
+    return this.tabLock;
+  }
+
+  /** The SharedWorker could not start: share through a leader tab, or connect alone. */
+  fallBack() {
+    this.workerFailed = true;
+    this.transport.close();
+    this.transport = openTransport(this, this.options);
+    if (this.connected) this.transport.start?.();
+    if (this.transport.ready) this.hubChanged();
+  }
+
+  rejectAll(error) {
+    this.waiting = [];
+    for (const entry of this.pending.values()) entry.reject(error);
+    this.pending.clear();
+  }
+
+  /** The browser's network and visibility changes, relayed to the hub. */
+  listenToBrowser() {
+    const relay = (op) => () => this.postState({ op });
+    globalThis.window?.addEventListener?.("online", relay("online"));
+    globalThis.window?.addEventListener?.("offline", relay("offline"));
+    const document = globalThis.document;
+    document?.addEventListener?.("visibilitychange", () => {
+      if (document.visibilityState === "visible") this.postState({ op: "check" });
+    });
+  }
+
+  // --- from the hub -------------------------------------------------------------------------
+
+  receive(msg) {
+    switch (msg.type) {
+      case "reply":
+        return this.settle(msg);
+      case "token":
+        return this.giveToken(msg.req);
+      case "event":
+        return this.connected ? this.event(msg.name, msg.event) : undefined;
       default:
-        // Unknown types are ignored, like unknown fields: a newer server may add some.
         return undefined;
     }
   }
 
-  welcome(frame) {
-    this.clearTimer("open");
-    this.welcomed = true;
-    this.attempts = 0;
-    this.session = frame.session;
-    this.node = frame.node;
-    const restored = (frame.resumed && frame.channels) || {};
-    this.emit("welcome", {
-      session: frame.session,
-      node: frame.node,
-      resumed: frame.resumed,
-      heartbeat: frame.heartbeat,
-    });
-    for (const [channel, position] of Object.entries(restored)) {
-      if (this.channels.has(channel)) this.subscribed(channel, position, true);
-      else this.sendRequest("unsubscribe", channel); // unsubscribed while away
+  event(name, event) {
+    switch (name) {
+      case "state":
+        return this.setState(event.state);
+      case "welcome":
+        this.session = event.session;
+        this.node = event.node;
+        return this.emit("welcome", event);
+      case "reconnect":
+      case "unsubscribed":
+        return this.emit(name, event);
+      case "subscribed":
+        return this.subscribed(event);
+      case "message":
+        return this.message(event);
+      case "error": {
+        const { code, message, ...details } = event;
+        // A refused subscription: it is the application's to ask again.
+        if (details.channel !== undefined) this.channels.delete(details.channel);
+        return this.emit("error", new ClientError(code, message, details));
+      }
+      default:
+        return undefined;
     }
-    for (const channel of this.channels.keys()) {
-      if (!(channel in restored)) this.sendSubscribe(channel);
-    }
-    this.setState(OPEN);
-    this.heartbeat(frame.heartbeat);
-    this.flush();
   }
 
-  /** A subscription (re)started at `position` (`{seq, epoch, recovered}`). */
-  subscribed(channel, position, resumed) {
-    const sub = this.channels.get(channel);
+  subscribed(event) {
+    const sub = this.channels.get(event.channel);
     if (!sub) return;
-    // The server replays what follows the position the client asked for, when it could
-    // (recovered); otherwise delivery goes on after the channel's current seq. A subscribe
-    // without a position starts there too; a session restored without one (the subscribe's
-    // reply was lost) replays from the position the gateway stored, which the client lacks.
-    if (!position.recovered || (sub.seq === null && !resumed)) sub.seq = position.seq;
-    sub.epoch = position.epoch;
-    this.emit("subscribed", {
-      channel,
-      seq: position.seq,
-      epoch: position.epoch,
-      recovered: position.recovered,
-      resumed,
-    });
+    const recovered = applySubscribed(sub, event);
+    const { channel, seq, epoch, resumed } = event;
+    this.emit("subscribed", { channel, seq, epoch, recovered, resumed });
   }
 
-  message({ channel, seq, data }) {
-    const sub = this.channels.get(channel);
-    if (!sub || (sub.seq !== null && seq <= sub.seq)) return; // unsubscribed, or a repeat
-    sub.seq = seq;
-    this.emit("message", { channel, seq, data });
+  message(event) {
+    const sub = this.channels.get(event.channel);
+    // Unsubscribed, not yet subscribed for this tab, or a repeat (a replay after a takeover).
+    if (!sub?.active || (sub.seq !== null && event.seq <= sub.seq)) return;
+    sub.seq = event.seq;
+    this.emit("message", event);
   }
 
-  serverError(frame) {
-    const error = new ClientError("server", frame.message, { status: frame.code, id: frame.id });
-    if (this.pending.has(frame.id)) return this.settle(frame.id, (p) => p.reject(error));
-    const request = this.requests.get(frame.id);
-    this.requests.delete(frame.id);
-    if (request?.kind === "unsubscribe" && frame.code === 404) return; // it was refused anyway
-    if (request?.kind === "subscribe") {
-      // The subscription was refused: it is the application's to ask again.
-      this.channels.delete(request.channel);
-      error.channel = request.channel;
-    }
-    this.emit("error", error);
-  }
-
-  sendSubscribe(channel) {
-    const { seq, epoch } = this.channels.get(channel);
-    const since = seq === null ? undefined : epoch === null ? { seq } : { seq, epoch };
-    this.sendRequest("subscribe", channel, since);
-  }
-
-  sendRequest(kind, channel, since) {
-    const id = this.nextId++;
-    this.requests.set(id, { kind, channel });
-    this.send(since ? { type: kind, id, channel, since } : { type: kind, id, channel });
-  }
-
-  request(frame) {
-    const id = this.nextId++;
-    return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, sent: true });
-      this.send({ ...frame, id });
-    });
-  }
-
-  settle(id, how) {
-    const p = this.pending.get(id);
-    if (!p) return;
+  settle({ id, value, error }) {
+    const entry = this.pending.get(id);
+    if (!entry) return;
     this.pending.delete(id);
-    how(p);
-  }
-
-  send(frame) {
-    this.ws.send(JSON.stringify(frame));
-  }
-
-  /** Writes queued publishes while the socket's buffer is below the high-water mark. */
-  flush() {
-    this.clearTimer("flush");
-    if (this.state !== OPEN) return;
-    while (this.queue.length > 0) {
-      if (this.ws.bufferedAmount > this.options.highWaterMark) {
-        // Browsers have no drain event: look again shortly.
-        this.setTimer("flush", this.options.pollInterval, () => this.flush());
-        return;
-      }
-      const { id, text } = this.queue.shift();
-      const p = this.pending.get(id);
-      if (p) p.sent = true;
-      this.ws.send(text);
+    if (error === undefined) entry.resolve(value);
+    else {
+      const { code, message, ...details } = error;
+      entry.reject(new ClientError(code, message, details));
     }
   }
 
-  /** Pings every `seconds`; a ping without a pong within `pongTimeout` drops the connection. */
-  heartbeat(seconds) {
-    if (!(seconds > 0)) return;
-    this.setTimer("ping", seconds * 1000, () => {
-      this.send({ type: "ping" });
-      if (!this.timers.pong) {
-        this.setTimer("pong", this.options.pongTimeout, () => {
-          this.drop(1000, "no pong");
-          this.lost(null, "no pong in time");
-        });
-      }
-      this.heartbeat(seconds);
-    });
-  }
-
-  closed(code, reason) {
-    const welcomed = this.welcomed;
-    this.drop();
-    if (code === 4001) {
-      this.unauthorized = true;
-      this.attempts = 0;
-      this.setState(CLOSED);
-      return this.fail("unauthorized", "the server refused the token (4001): supply a new one", {
-        closeCode: code,
-        reason,
-      });
-    }
-    if (code === 4009) {
-      this.stopped = true;
-      this.rejectAll(new ClientError("closed", "the session was taken over"));
-      this.setState(CLOSED);
-      return this.fail("taken_over", "another connection resumed this session (4009)", {
-        closeCode: code,
-        reason,
-      });
-    }
-    if (code === 1001 && welcomed) {
-      // The node drains: another one takes the session over now.
-      return this.schedule(this.random() * this.options.drainJitter, code, reason);
-    }
-    this.lost(code, reason);
-  }
-
-  /** The connection (or an attempt at one) is gone: try again after the backoff. */
-  lost(code, reason) {
-    if (this.stopped) return;
-    if (this.attempts >= this.options.maxAttempts) {
-      this.stopped = true;
-      this.rejectAll(new ClientError("closed", "the client gave up reconnecting"));
-      this.setState(CLOSED);
-      return this.fail("reconnect_failed", `no connection after ${this.attempts} attempts`, {
-        closeCode: code,
-        reason,
-      });
-    }
-    const delay = backoffDelay(this.attempts, this.random, this.options);
-    this.attempts += 1;
-    this.schedule(delay, code, reason);
-  }
-
-  schedule(delay, code, reason) {
-    this.setState(RECONNECTING);
-    this.emit("reconnect", { delay, attempt: this.attempts, code, reason });
-    this.setTimer("reconnect", delay, () => this.open());
-  }
-
-  /**
-   * Lets go of the current socket: its timers stop, its handlers are ignored from now on, and
-   * replies it still owed fail. With a code, the socket is closed too (a dead socket may take
-   * long to report its close, so the client never waits for it).
-   */
-  drop(code, reason) {
-    const ws = this.ws;
-    this.ws = null;
-    this.generation += 1;
-    this.welcomed = false;
-    for (const name of ["open", "ping", "pong", "flush"]) this.clearTimer(name);
-    this.requests.clear();
-    for (const [id, p] of this.pending) {
-      if (p.sent) {
-        this.pending.delete(id);
-        p.reject(new ClientError("connection_lost", "the connection was lost before the reply"));
-      }
-    }
-    if (code !== undefined && ws && typeof ws.close === "function") {
-      try {
-        ws.close(code, reason);
-      } catch {
-        // already closed
-      }
-    }
-  }
-
-  rejectAll(error) {
-    this.queue = [];
-    for (const p of this.pending.values()) p.reject(error);
-    this.pending.clear();
-  }
-
-  setTimer(name, ms, fn) {
-    this.clearTimer(name);
-    this.timers[name] = this.clock.setTimeout(() => {
-      delete this.timers[name];
-      fn();
-    }, ms);
-  }
-
-  clearTimer(name) {
-    if (this.timers[name] !== undefined) {
-      this.clock.clearTimeout(this.timers[name]);
-      delete this.timers[name];
-    }
+  /** The hub asks this tab for the token of the next connection. */
+  giveToken(req) {
+    const token = this.token;
+    Promise.resolve()
+      .then(() => (typeof token === "function" ? token() : token))
+      .then(
+        (value) => this.transport.post({ op: "tokenReply", req, token: value ?? null }),
+        (e) => this.transport.post({ op: "tokenReply", req, error: String(e?.message ?? e) }),
+      );
   }
 }
 
-/** A reply frame without its `type` and `id`. */
-function reply(frame) {
-  const { type: _type, id: _id, ...rest } = frame;
-  return rest;
+/** A subscription's position as the wire carries it, or null when it has none. */
+function position({ seq, epoch }) {
+  if (seq === null) return null;
+  return epoch === null ? { seq } : { seq, epoch };
 }

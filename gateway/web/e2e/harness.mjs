@@ -120,22 +120,31 @@ export class Lab {
     return { child, port, url: `redis://127.0.0.1:${port}` };
   }
 
-  /** A gateway node on the given (or free) ports; resolves once it listens. */
+  /**
+   * A gateway node on the given (or free) ports; resolves once it listens. A free port can be
+   * taken by another process before the node binds it: then other free ports are tried.
+   */
   async gateway({ port, adminPort, flags = [] } = {}) {
-    port ??= await freePort();
-    adminPort ??= await freePort();
-    const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("BGW_")));
-    env.BGW_LOG = "info,gateway=debug";
-    const child = this.spawn(
-      gatewayBinary(),
-      ["--listen", `127.0.0.1:${port}`, "--admin-listen", `127.0.0.1:${adminPort}`, ...flags],
-      { env },
-    );
-    await waitFor(`the gateway on ${port} to listen`, () => {
-      if (child.exitCode !== null) throw new Error(`it exited: ${child.logs}`);
-      return / listening /.test(child.logs);
-    });
-    return new Gateway(child, port, adminPort);
+    const chosen = port === undefined && adminPort === undefined;
+    for (let attempt = 1; ; attempt++) {
+      const client = port ?? (await freePort());
+      const admin = adminPort ?? (await freePort());
+      const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("BGW_")));
+      env.BGW_LOG = "info,gateway=debug";
+      const child = this.spawn(
+        gatewayBinary(),
+        ["--listen", `127.0.0.1:${client}`, "--admin-listen", `127.0.0.1:${admin}`, ...flags],
+        { env },
+      );
+      const listening = await waitFor(`the gateway on ${client} to listen`, () => {
+        if (child.exitCode !== null) {
+          if (chosen && attempt < 5 && /Address already in use/.test(child.logs)) return "taken";
+          throw new Error(`it exited: ${child.logs}`);
+        }
+        return / listening /.test(child.logs) && "listening";
+      });
+      if (listening === "listening") return new Gateway(child, client, admin);
+    }
   }
 
   /**
@@ -163,12 +172,28 @@ export class Lab {
     return proxy;
   }
 
+  /**
+   * chromedriver on a free port. It binds the wildcard address, IPv4 and IPv6, which a port in
+   * use by any local socket refuses (a busy machine's outgoing connections take ports from the
+   * same range): it exits then, and another port is tried.
+   */
+  async chromedriver() {
+    for (let attempt = 1; ; attempt++) {
+      const port = await freePort();
+      const driver = this.spawn("chromedriver", [`--port=${port}`, "--allowed-ips=127.0.0.1"]);
+      const base = `http://127.0.0.1:${port}`;
+      const ready = await waitFor("chromedriver", async () => {
+        if (driver.exitCode !== null) return "exited";
+        return (await (await fetch(`${base}/status`)).json()).value.ready && "ready";
+      });
+      if (ready === "ready") return { driver, base };
+      if (attempt === 5) throw new Error(`chromedriver exited 5 times; last: ${driver.logs}`);
+    }
+  }
+
   /** Chromium, headless, with a fresh profile, driven by chromedriver. */
   async browser() {
-    const port = await freePort();
-    const driver = this.spawn("chromedriver", [`--port=${port}`, "--allowed-ips=127.0.0.1"]);
-    const base = `http://127.0.0.1:${port}`;
-    await waitFor("chromedriver", async () => (await (await fetch(`${base}/status`)).json()).value.ready);
+    const { driver, base } = await this.chromedriver();
     const args = [
       "--headless",
       "--no-sandbox",
@@ -226,6 +251,11 @@ export class Gateway {
       throw new Error(`the gateway ${this.pid} did not exit after ${signal}`);
     });
     return Promise.race([this.child.exited, deadline]);
+  }
+
+  /** `GET /v1/stats` of the admin listener: `{connections, subscriptions, ...}`. */
+  async stats() {
+    return (await fetch(`http://127.0.0.1:${this.adminPort}/v1/stats`)).json();
   }
 
   /** `POST /v1/publish`; resolves with `{channel, seq, epoch}`. */
@@ -294,6 +324,24 @@ export class Browser {
     return webdriver(this.base, method, `/session/${this.session}${path}`, body);
   }
 
+  /** A Chrome DevTools Protocol command on the current tab. */
+  cdp(cmd, params = {}) {
+    return this.command("POST", "/goog/cdp/execute", { cmd, params });
+  }
+
+  /**
+   * A new tab of this browser (same profile, so same SharedWorkers, locks and channels).
+   * `before` is a script that runs in every page it loads, before the page's own scripts.
+   */
+  async newTab({ before } = {}) {
+    // The first window stays open: WebDriver needs a current window after a tab closes.
+    this.home ??= await this.command("GET", "/window");
+    const { handle } = await this.command("POST", "/window/new", { type: "tab" });
+    const tab = new Tab(this, handle);
+    if (before) await tab.cdp("Page.addScriptToEvaluateOnNewDocument", { source: before });
+    return tab;
+  }
+
   navigate(url) {
     return this.command("POST", "/url", { url });
   }
@@ -310,6 +358,8 @@ export class Browser {
       if (!d) return null;
       return {
         state: d.client.state,
+        sharing: d.client.sharing,
+        session: d.client.session,
         node: d.client.node,
         messages: d.messages,
         subscribed: d.subscribed,
@@ -346,5 +396,70 @@ export class Browser {
       process.kill(this.driver.pid, "SIGTERM");
       await this.driver.exited;
     }
+  }
+}
+
+/**
+ * One tab of a Browser. WebDriver commands go to the current tab, so each call makes this one
+ * current first.
+ */
+export class Tab {
+  constructor(browser, handle) {
+    this.browser = browser;
+    this.handle = handle;
+  }
+
+  async use() {
+    if (this.browser.current !== this.handle) {
+      await this.browser.command("POST", "/window", { handle: this.handle });
+      this.browser.current = this.handle;
+    }
+    return this.browser;
+  }
+
+  async navigate(url) {
+    return (await this.use()).navigate(url);
+  }
+
+  async run(script, ...args) {
+    return (await this.use()).run(script, ...args);
+  }
+
+  async cdp(cmd, params) {
+    return (await this.use()).cdp(cmd, params);
+  }
+
+  async demo() {
+    return (await this.use()).demo();
+  }
+
+  async waitDemo(what, check, deadline) {
+    let last = null;
+    try {
+      return await waitFor(what, async () => {
+        last = await this.demo();
+        return last && check(last) ? last : null;
+      }, deadline);
+    } catch (e) {
+      e.message += `\nthe tab's last record: ${JSON.stringify(last).slice(0, 4000)}`;
+      throw e;
+    }
+  }
+
+  /** Crashes the tab's renderer: the page dies without unloading. */
+  async crash() {
+    try {
+      await this.cdp("Page.crash");
+    } catch {
+      // the command's reply dies with the renderer
+    }
+  }
+
+  /** Closes the tab, as its user would: the page is unloaded, its locks are released. */
+  async close() {
+    await this.use();
+    await this.browser.command("DELETE", "/window");
+    await this.browser.command("POST", "/window", { handle: this.browser.home });
+    this.browser.current = this.browser.home;
   }
 }

@@ -13,84 +13,14 @@ import {
   RECONNECTING,
   backoffDelay,
 } from "../client.js";
-
-/** Timers that fire only when the test advances time. */
-class FakeClock {
-  now = 0;
-  nextId = 1;
-  timers = new Map();
-
-  setTimeout(fn, ms) {
-    const id = this.nextId++;
-    this.timers.set(id, { at: this.now + ms, fn });
-    return id;
-  }
-
-  clearTimeout(id) {
-    this.timers.delete(id);
-  }
-
-  /** Runs every timer due within `ms`, in order of due time (then of creation). */
-  advance(ms) {
-    const until = this.now + ms;
-    for (;;) {
-      let next = null;
-      for (const [id, timer] of this.timers) {
-        if (timer.at <= until && (next === null || timer.at < next.at)) next = { id, ...timer };
-      }
-      if (next === null) break;
-      this.timers.delete(next.id);
-      this.now = next.at;
-      next.fn();
-    }
-    this.now = until;
-  }
-}
-
-/** A WebSocket constructor whose sockets the test opens, feeds and closes by hand. */
-function fakeWebSocket() {
-  const sockets = [];
-  class FakeWebSocket {
-    constructor(url, protocols) {
-      this.url = url;
-      this.protocols = protocols;
-      this.sent = [];
-      this.bufferedAmount = 0;
-      this.closedWith = null;
-      sockets.push(this);
-    }
-    send(text) {
-      assert.equal(this.closedWith, null, "send on a closed socket");
-      this.sent.push(JSON.parse(text));
-    }
-    close(code, reason) {
-      this.closedWith = { code, reason };
-    }
-    // The server's side.
-    open() {
-      this.onopen({});
-    }
-    receive(frame) {
-      this.onmessage({ data: JSON.stringify(frame) });
-    }
-    serverClose(code, reason = "") {
-      this.onclose({ code, reason });
-    }
-    types() {
-      return this.sent.map((f) => f.type);
-    }
-    last() {
-      return this.sent[this.sent.length - 1];
-    }
-  }
-  return { FakeWebSocket, sockets };
-}
+import { FakeClock, fakeWebSocket } from "../testing/fakes.mjs";
 
 /** A client on fakes, with every event it emits recorded. */
 function setup(options = {}) {
   const clock = new FakeClock();
   const { FakeWebSocket, sockets } = fakeWebSocket();
   const client = new Client({
+    shared: false, // one tab alone: Node may have Web Locks and BroadcastChannel
     url: "ws://gw.test/ws",
     clock,
     random: () => 0.5, // the jitter factor 0.5 + random() is then exactly 1
@@ -574,5 +504,39 @@ test("the URL defaults to /ws on the page's server", () => {
     assert.equal(new Client({ WebSocket: class {} }).url, "ws://127.0.0.1:8080/ws");
   } finally {
     globalThis.location = saved;
+  }
+});
+
+test("the page's offline, online and visibilitychange reach the connection", () => {
+  const saved = { window: globalThis.window, document: globalThis.document };
+  try {
+    globalThis.window = new EventTarget();
+    const document = new EventTarget();
+    document.visibilityState = "visible";
+    globalThis.document = document;
+    const t = connected();
+    // A tab made visible again checks the connection with a ping.
+    document.visibilityState = "hidden";
+    document.dispatchEvent(new Event("visibilitychange"));
+    assert.deepEqual(t.socket().types(), ["hello"]);
+    document.visibilityState = "visible";
+    document.dispatchEvent(new Event("visibilitychange"));
+    assert.deepEqual(t.socket().types(), ["hello", "ping"]);
+    // Online after offline: a reconnect at once, and the session resumes.
+    globalThis.window.dispatchEvent(new Event("offline"));
+    assert.equal(t.client.state, OPEN, "a socket may live through a short loss");
+    globalThis.window.dispatchEvent(new Event("online"));
+    assert.deepEqual(t.of("reconnect"), [{ delay: 0, attempt: 0, code: null, reason: "the network is back" }]);
+    t.clock.advance(0);
+    assert.equal(t.sockets.length, 2);
+    t.socket().open();
+    assert.deepEqual(t.socket().sent[0], { type: "hello", session: "s1", since: {} });
+    // A closed client relays nothing.
+    t.client.close();
+    globalThis.window.dispatchEvent(new Event("offline"));
+    globalThis.window.dispatchEvent(new Event("online"));
+    assert.equal(t.sockets.length, 2);
+  } finally {
+    Object.assign(globalThis, saved);
   }
 });
