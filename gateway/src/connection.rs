@@ -480,7 +480,10 @@ impl Connection {
                 "invalid channel name",
             ));
         }
-        if !node.config.client_publish || !self.identity().may_publish(&channel) {
+        if !self
+            .identity()
+            .may_publish(&channel, node.config.client_publish)
+        {
             return self.reply(ServerFrame::error(
                 id,
                 ErrorCode::Forbidden,
