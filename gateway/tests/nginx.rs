@@ -7,7 +7,7 @@ mod redis_server;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::{channel, http_raw, position, refusal_status, Client, Gateway, DEADLINE};
