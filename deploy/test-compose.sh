@@ -100,6 +100,7 @@ cleanup() {
 trap cleanup EXIT
 
 step "a Docker engine"
+have curl || apt_install curl
 if ! have dockerd && ! docker info >/dev/null 2>&1; then
     echo "installing docker.io (apt)" >&2
     apt_install docker.io || skip "docker.io could not be installed"
