@@ -74,7 +74,7 @@ pub fn check_origin(
 /// one the proxy nearest to this node wrote), else `Host`.
 pub fn request_host(headers: &HeaderMap, trust_forwarded: bool) -> Option<&str> {
     let forwarded = trust_forwarded
-        .then(|| headers.get_all("x-forwarded-host").iter().last())
+        .then(|| headers.get_all("x-forwarded-host").iter().next_back())
         .flatten();
     let value = forwarded.or_else(|| headers.get(HOST))?.to_str().ok()?;
     value.rsplit(',').next().map(str::trim)
