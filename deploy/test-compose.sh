@@ -75,6 +75,14 @@ gateway_image=broadcast-gateway:0.1.0
 
 # --- the engine ---------------------------------------------------------------------------
 
+# Whether PID runs (a process that exited but was not yet waited for does not).
+running() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} != Z ]]
+}
+
 dockerd_pid=
 compose=()
 stack_up=
@@ -89,10 +97,16 @@ cleanup() {
     fi
     if [[ -n ${dockerd_pid} ]]; then
         kill -TERM "${dockerd_pid}" 2>/dev/null || true
+        # It stops its containers' shims first; a child that exited is a zombie until waited.
         for _ in $(seq 300); do
-            kill -0 "${dockerd_pid}" 2>/dev/null || break
+            running "${dockerd_pid}" || break
             sleep 0.1
         done
+        if running "${dockerd_pid}"; then
+            echo "dockerd (pid ${dockerd_pid}) still runs after 30 s: SIGKILL" >&2
+            kill -KILL "${dockerd_pid}" 2>/dev/null || true
+        fi
+        wait "${dockerd_pid}" 2>/dev/null || true
         echo "stopped the dockerd this script started (pid ${dockerd_pid})" >&2
     fi
     printf '==> [compose %ss] done\n' "$((SECONDS - started))" >&2
@@ -112,12 +126,12 @@ if ! docker info >/dev/null 2>&1; then
     dockerd_pid=$!
     for _ in $(seq 300); do
         docker info >/dev/null 2>&1 && break
-        kill -0 "${dockerd_pid}" 2>/dev/null || break
+        running "${dockerd_pid}" || break
         sleep 0.1
     done
     if ! docker info >/dev/null 2>&1; then
         tail -n 5 "${state}/dockerd.log" >&2 || true
-        kill -0 "${dockerd_pid}" 2>/dev/null || dockerd_pid=
+        running "${dockerd_pid}" || dockerd_pid=
         skip "dockerd did not start (its log: ${state}/dockerd.log; last lines above)"
     fi
     echo "started dockerd (pid ${dockerd_pid}), log ${state}/dockerd.log" >&2
