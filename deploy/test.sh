@@ -14,7 +14,9 @@
 # version gateway/web/package.json names) with npm, under target/; rustfmt and clippy with
 # rustup. Installing packages needs root, or sudo. The Kubernetes manifests are
 # rendered with `kubectl kustomize` (or `kustomize build`) where one is installed (neither is a
-# Debian package), else validated file by file.
+# Debian package), else validated file by file. After the Rust tests, deploy/test-compose.sh runs
+# the docker-compose stack on a real Docker engine (installing docker.io and debootstrap where it
+# needs them; it skips, saying why, where no engine can start).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -205,12 +207,14 @@ promtool check rules "${work}/dashboard-queries.yml"
 # The shipped nginx.conf, unchanged, with the shipped upstreams.conf whose docker-compose host
 # names (gateway-1...) do not resolve here: they become 127.0.0.1, nothing else changes.
 step "nginx -t: nginx/nginx.conf with nginx/upstreams.conf (hosts as 127.0.0.1)"
-mkdir -p "${work}/nginx/tmp"
+mkdir -p "${work}/nginx"
 cp nginx/nginx.conf "${work}/nginx/nginx.conf"
 sed -E 's/gateway-[0-9]+:/127.0.0.1:/' nginx/upstreams.conf >"${work}/nginx/upstreams.conf"
 nginx -q -t -p "${work}/nginx/" -c nginx.conf -e stderr
 # The Kubernetes upstreams.conf needs `resolve` (nginx 1.27.3 and later); its resolver becomes
-# 127.0.0.1, since kube-dns does not resolve here.
+# 127.0.0.1, since kube-dns does not resolve here. An older nginx checks the rest of it: the
+# same servers and zone without `resolve` and the upstream's resolver lines, and so with their
+# names as 127.0.0.1 (looked up once, at the start, they would have to resolve here).
 nginx_version=$(nginx -v 2>&1)
 nginx_version=${nginx_version##*/}
 nginx_version=${nginx_version%% *}
@@ -218,10 +222,14 @@ if [[ $(printf '%s\n' 1.27.3 "${nginx_version}" | sort -V | head -n 1) == 1.27.3
     step "nginx -t: nginx/nginx.conf with deploy/k8s/nginx/upstreams.conf (resolver 127.0.0.1)"
     sed -E 's/^resolver [^ ]+/resolver 127.0.0.1/' deploy/k8s/nginx/upstreams.conf \
         >"${work}/nginx/upstreams.conf"
-    nginx -q -t -p "${work}/nginx/" -c nginx.conf -e stderr
 else
-    step "nginx ${nginx_version} predates \`resolve\` (1.27.3): deploy/k8s/nginx/upstreams.conf unchecked"
+    step "nginx -t: nginx/nginx.conf with deploy/k8s/nginx/upstreams.conf, less \`resolve\` and" \
+        "its resolver (nginx ${nginx_version} predates them: 1.27.3), names as 127.0.0.1"
+    sed -E -e '/^resolver(_timeout)? /d' -e 's/ resolve / /' \
+        -e 's/^server [a-z0-9.-]+:/server 127.0.0.1:/' deploy/k8s/nginx/upstreams.conf \
+        >"${work}/nginx/upstreams.conf"
 fi
+nginx -q -t -p "${work}/nginx/" -c nginx.conf -e stderr
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
@@ -246,6 +254,11 @@ BGW_TEST_REDIS_URL="redis://127.0.0.1:${redis_port}" cargo test -p gateway --tes
 kill "${redis_pid}"
 wait "${redis_pid}" 2>/dev/null || true
 redis_pid=
+
+# The docker-compose stack on a real Docker engine, started here when none runs (it skips,
+# saying why, where none can start).
+step "deploy/test-compose.sh (the docker-compose stack for real)"
+deploy/test-compose.sh
 
 # Redis, two nodes and Prometheus scraping them every second, a short fan-out load, then every
 # query of the dashboard asked through Prometheus' API (each must answer), every metric of the

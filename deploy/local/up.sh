@@ -104,7 +104,7 @@ for wanted in "${ports[@]}"; do
         "BGW_LOCAL_PORT, BGW_LOCAL_ADMIN_PORT and BGW_LOCAL_REDIS_PORT"
 done
 
-mkdir -p "${dir}/logs" "${dir}/redis" "${dir}/nginx/tmp"
+mkdir -p "${dir}/logs" "${dir}/redis" "${dir}/nginx"
 
 # Whatever fails from here on, what was started is stopped again.
 stop_on_failure() {

@@ -124,10 +124,12 @@ impl Identity {
         }
     }
 
-    /// Whether the token allows publishing to `channel`; client publishing must also be enabled.
-    pub fn may_publish(&self, channel: &str) -> bool {
+    /// Whether this client may publish to `channel`: with authentication on, where its token's
+    /// `publish` claim says, and nothing else; anonymous clients where `anonymous_publish`
+    /// (`--client-publish`) lets them.
+    pub fn may_publish(&self, channel: &str, anonymous_publish: bool) -> bool {
         match self {
-            Identity::Anonymous => true,
+            Identity::Anonymous => anonymous_publish,
             Identity::User(claims) => claims.publish.iter().any(|p| p.matches(channel)),
         }
     }

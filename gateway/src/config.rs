@@ -48,11 +48,16 @@ pub struct Config {
     pub node_id: Option<String>,
 
     /// Redis URL (`redis://host:port/db`). Absent: the embedded in-process broker (one node).
-    #[arg(long, env = "BGW_REDIS_URL")]
+    #[arg(long, env = "BGW_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<Secret>,
 
     /// HS256 secret that verifies client tokens. With neither key, authentication is off.
-    #[arg(long, env = "BGW_JWT_SECRET", conflicts_with = "jwt_public_key")]
+    #[arg(
+        long,
+        env = "BGW_JWT_SECRET",
+        conflicts_with = "jwt_public_key",
+        hide_env_values = true
+    )]
     pub jwt_secret: Option<Secret>,
 
     /// PEM file of the RSA (RS256) or P-256 (ES256) public key that verifies client tokens.
@@ -64,16 +69,18 @@ pub struct Config {
     pub token_cookie: String,
 
     /// Bearer key the admin publish API requires. Absent: the admin API is open.
-    #[arg(long, env = "BGW_API_KEY")]
+    #[arg(long, env = "BGW_API_KEY", hide_env_values = true)]
     pub api_key: Option<Secret>,
 
     /// Browser origins allowed to connect, comma-separated: exact (`https://app.example.com`) or
     /// wildcard (`https://*.example.com`). Absent: only requests without Origin or whose Origin
-    /// host is the Host header.
+    /// is the host they were sent to (Host, or X-Forwarded-Host from a trusted proxy; a missing
+    /// port is the scheme's default).
     #[arg(long, env = "BGW_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
-    /// Let clients publish with `publish` frames (where their token permits, with auth on).
+    /// Let anonymous clients publish with `publish` frames (authentication off). With
+    /// authentication on, a token's `publish` claim alone decides, and this flag changes nothing.
     #[arg(long, env = "BGW_CLIENT_PUBLISH")]
     pub client_publish: bool,
 
@@ -150,8 +157,9 @@ pub struct Config {
     #[arg(long, env = "BGW_DRAIN_TIMEOUT", default_value = "20s", value_parser = duration)]
     pub drain_timeout: Duration,
 
-    /// Proxies (IPs or CIDRs, comma-separated) whose X-Forwarded-For names the client. The
-    /// header of anyone else is ignored, so that clients cannot choose their own address.
+    /// Proxies (IPs or CIDRs, comma-separated) whose X-Forwarded-For names the client and whose
+    /// X-Forwarded-Host names the host for the Origin check. Those headers from anyone else are
+    /// ignored, so that clients cannot choose their own address or host.
     #[arg(long, env = "BGW_TRUSTED_PROXIES", value_delimiter = ',', value_parser = ip_or_net)]
     pub trusted_proxies: Vec<IpNet>,
 
@@ -204,7 +212,7 @@ pub struct PublishArgs {
     #[arg(long, env = "BGW_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
     pub admin_url: String,
     /// The admin API key, where the node requires one.
-    #[arg(long, env = "BGW_API_KEY")]
+    #[arg(long, env = "BGW_API_KEY", hide_env_values = true)]
     pub api_key: Option<Secret>,
     /// Channel to publish to.
     pub channel: String,

@@ -1,40 +1,180 @@
-//! The checks of an upgrade request that need no I/O: origin, subprotocol, token.
+//! The checks of an upgrade request that need no I/O: origin, subprotocol, token, and who the
+//! client is behind a proxy.
+
+use std::fmt;
+use std::net::IpAddr;
 
 use hyper::header::{HeaderMap, HeaderValue, COOKIE, HOST, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
+use hyper::http::uri::Authority;
 use hyper::Uri;
 use ipnet::IpNet;
 use shared::SUBPROTOCOL;
-use std::net::IpAddr;
 
-/// Whether a browser's `Origin` may connect. Requests without one (non-browser clients) may.
-/// With no allow-list, the origin's host must be the `Host` the request was sent to.
-pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
-    let Some(origin) = headers.get(ORIGIN) else {
-        return true;
-    };
-    let Ok(origin) = origin.to_str() else {
-        return false;
-    };
-    let origin = origin.to_ascii_lowercase();
-    if allowed.is_empty() {
-        let host = headers.get(HOST).and_then(|h| h.to_str().ok());
-        let origin_host = origin.split_once("://").map(|(_, host)| host);
-        return matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h));
-    }
-    allowed
-        .iter()
-        .any(|pattern| origin_matches(&origin, &pattern.to_ascii_lowercase()))
+/// Why a browser's `Origin` was refused: the reason of the log line, and of the 403.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginRefusal {
+    /// Not `scheme://host[:port]` in visible ASCII: `null` (sandboxed pages, `file:` URLs) is
+    /// one, and so is anything with a path, user or empty port.
+    Malformed,
+    /// An allow-list is configured, and the origin is not on it.
+    NotAllowed,
+    /// No allow-list: the origin must name the host the request was sent to, and does not.
+    OtherHost,
 }
 
-/// `https://*.example.com` matches any subdomain of example.com over https, not example.com.
-fn origin_matches(origin: &str, pattern: &str) -> bool {
-    match pattern.split_once("://*.") {
-        None => origin == pattern,
-        Some((scheme, domain)) => origin
-            .strip_prefix(scheme)
-            .and_then(|rest| rest.strip_prefix("://"))
-            .and_then(|host| host.strip_suffix(domain))
-            .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.') && !sub.starts_with('.')),
+impl fmt::Display for OriginRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OriginRefusal::Malformed => "the Origin is not scheme://host[:port]",
+            OriginRefusal::NotAllowed => "the Origin is not in --allowed-origins",
+            OriginRefusal::OtherHost => {
+                "no --allowed-origins, and the Origin is not the host the request was sent to"
+            }
+        })
+    }
+}
+
+/// Whether a browser's `Origin` may connect. Requests without one (non-browser clients) may.
+///
+/// With an allow-list, the origin must match one of its entries. Without one, it must name the
+/// host the request was sent to: the `Host` header, or the last `X-Forwarded-Host` when the
+/// request comes from a trusted proxy (`trust_forwarded`), since a proxy may rewrite `Host`.
+/// Only `http` and `https` origins compare with a host. Host names compare without regard to
+/// case, and a missing port is the default port of the origin's scheme (80 for http, 443 for
+/// https): `Origin: http://gw` matches `Host: gw` and `Host: gw:80`, never `Host: gw:8080`.
+pub fn check_origin(
+    headers: &HeaderMap,
+    allowed: &[String],
+    trust_forwarded: bool,
+) -> Result<(), OriginRefusal> {
+    let Some(origin) = headers.get(ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin
+        .to_str()
+        .ok()
+        .and_then(Origin::parse)
+        .ok_or(OriginRefusal::Malformed)?;
+    if !allowed.is_empty() {
+        return allowed
+            .iter()
+            .any(|pattern| origin.matches(pattern))
+            .then_some(())
+            .ok_or(OriginRefusal::NotAllowed);
+    }
+    request_host(headers, trust_forwarded)
+        .and_then(HostPort::parse)
+        .is_some_and(|host| origin.is_host(&host))
+        .then_some(())
+        .ok_or(OriginRefusal::OtherHost)
+}
+
+/// The host the client sent the request to, as the origin check sees it: the last
+/// `X-Forwarded-Host` entry when the request comes through a trusted proxy and carries one (the
+/// one the proxy nearest to this node wrote), else `Host`.
+pub fn request_host(headers: &HeaderMap, trust_forwarded: bool) -> Option<&str> {
+    let forwarded = trust_forwarded
+        .then(|| headers.get_all("x-forwarded-host").iter().next_back())
+        .flatten();
+    let value = forwarded.or_else(|| headers.get(HOST))?.to_str().ok()?;
+    value.rsplit(',').next().map(str::trim)
+}
+
+/// A host and an optional port, the host lowercased (an IPv6 address keeps its brackets).
+#[derive(Debug, PartialEq, Eq)]
+struct HostPort {
+    host: String,
+    port: Option<u16>,
+}
+
+impl HostPort {
+    /// `host[:port]`, and nothing else: no user, path, query or empty port.
+    fn parse(value: &str) -> Option<Self> {
+        if value.is_empty() || value.ends_with(':') || value.contains(['@', '/', '?', '#']) {
+            return None;
+        }
+        let authority: Authority = value.parse().ok()?;
+        let host = authority.host();
+        // The port as written: `Authority` forgets one that is not a u16 (`gw:99999`).
+        let port = match value.get(host.len()..)? {
+            "" => None,
+            rest => {
+                let digits = rest.strip_prefix(':')?;
+                digits.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+                Some(digits.parse().ok()?)
+            }
+        };
+        (!host.is_empty()).then(|| Self {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+/// A serialized origin, `scheme://host[:port]`, as browsers send it.
+#[derive(Debug, PartialEq, Eq)]
+struct Origin {
+    scheme: String,
+    at: HostPort,
+}
+
+impl Origin {
+    fn parse(value: &str) -> Option<Self> {
+        let (scheme, authority) = value.split_once("://")?;
+        let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        scheme_ok.then_some(())?;
+        Some(Self {
+            scheme: scheme.to_ascii_lowercase(),
+            at: HostPort::parse(authority)?,
+        })
+    }
+
+    /// The port, or the scheme's default: what two ports compare as.
+    fn port_or_default(&self, port: Option<u16>) -> Option<u16> {
+        port.or(match self.scheme.as_str() {
+            "http" | "ws" => Some(80),
+            "https" | "wss" => Some(443),
+            _ => None,
+        })
+    }
+
+    /// Whether this origin names `host`, a `Host` header taken apart.
+    fn is_host(&self, host: &HostPort) -> bool {
+        matches!(self.scheme.as_str(), "http" | "https")
+            && self.at.host == host.host
+            && self.port_or_default(self.at.port) == self.port_or_default(host.port)
+    }
+
+    /// Whether this origin matches an entry of the allow-list: an exact origin, or
+    /// `scheme://*.domain[:port]`, any subdomain of the domain (not the domain itself).
+    fn matches(&self, pattern: &str) -> bool {
+        let Some((scheme, authority)) = pattern.split_once("://") else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case(&self.scheme) {
+            return false;
+        }
+        let (wildcard, authority) = match authority.strip_prefix("*.") {
+            Some(domain) => (true, domain),
+            None => (false, authority),
+        };
+        let Some(wanted) = HostPort::parse(authority) else {
+            return false;
+        };
+        if self.port_or_default(self.at.port) != self.port_or_default(wanted.port) {
+            return false;
+        }
+        if !wildcard {
+            return self.at.host == wanted.host;
+        }
+        self.at
+            .host
+            .strip_suffix(&wanted.host)
+            .and_then(|sub| sub.strip_suffix('.'))
+            .is_some_and(|label| !label.is_empty() && !label.starts_with('.'))
     }
 }
 
@@ -72,8 +212,7 @@ pub fn token(uri: &Uri, headers: &HeaderMap, cookie_name: &str) -> Option<String
 /// last address of `X-Forwarded-For` that is not itself a trusted proxy (proxies append, so the
 /// addresses before it are the client's own claims).
 pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
-    if !is_trusted(&peer) {
+    if !is_trusted_proxy(peer, trusted) {
         return peer;
     }
     let forwarded: Vec<IpAddr> = headers
@@ -86,8 +225,13 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
     forwarded
         .into_iter()
         .rev()
-        .find(|ip| !is_trusted(ip))
+        .find(|ip| !is_trusted_proxy(*ip, trusted))
         .unwrap_or(peer)
+}
+
+/// Whether `peer` is one of the `--trusted-proxies`, whose forwarding headers are believed.
+pub fn is_trusted_proxy(peer: IpAddr, trusted: &[IpNet]) -> bool {
+    trusted.iter().any(|net| net.contains(&peer))
 }
 
 #[cfg(test)]
@@ -120,51 +264,131 @@ mod tests {
             .collect()
     }
 
+    /// `check_origin` on a request with these headers, from a peer that is not a proxy.
+    fn allowed(pairs: &[(&'static str, &'static str)], list: &[&str]) -> bool {
+        let list: Vec<String> = list.iter().map(ToString::to_string).collect();
+        check_origin(&headers(pairs), &list, false).is_ok()
+    }
+
     #[test]
     fn origins() {
-        let none: &[String] = &[];
-        assert!(origin_allowed(&headers(&[("host", "gw:8080")]), none));
-        assert!(origin_allowed(
-            &headers(&[("host", "gw:8080"), ("origin", "http://gw:8080")]),
-            none
+        assert!(
+            allowed(&[("host", "gw:8080")], &[]),
+            "no Origin: not a browser"
+        );
+        assert!(allowed(
+            &[("host", "gw:8080"), ("origin", "http://gw:8080")],
+            &[]
         ));
-        assert!(!origin_allowed(
-            &headers(&[("host", "gw:8080"), ("origin", "http://evil:8080")]),
-            none
+        assert!(!allowed(
+            &[("host", "gw:8080"), ("origin", "http://evil:8080")],
+            &[]
         ));
-        let list = [
-            "https://app.example.com".to_string(),
-            "https://*.example.org".to_string(),
-        ];
-        assert!(origin_allowed(
-            &headers(&[("origin", "https://app.example.com")]),
+        let list = ["https://app.example.com", "https://*.example.org"];
+        assert!(allowed(&[("origin", "https://app.example.com")], &list));
+        assert!(allowed(&[("origin", "https://a.example.org")], &list));
+        assert!(allowed(&[("origin", "https://a.b.example.org")], &list));
+        assert!(!allowed(&[("origin", "https://example.org")], &list));
+        assert!(!allowed(&[("origin", "https://evilexample.org")], &list));
+        assert!(!allowed(&[("origin", "http://a.example.org")], &list));
+        assert!(!allowed(
+            &[("origin", "https://app.example.com.evil")],
             &list
         ));
-        assert!(origin_allowed(
-            &headers(&[("origin", "https://a.example.org")]),
-            &list
+        assert!(!allowed(&[("origin", "null")], &list));
+        // With a list, the request's own host is not enough.
+        assert!(!allowed(&[("host", "gw"), ("origin", "http://gw")], &list));
+    }
+
+    #[test]
+    fn default_ports_are_the_same_as_none() {
+        // What a browser sends through a proxy on port 80 or 443, or on another port.
+        for (origin, host) in [
+            ("http://gw", "gw"),
+            ("http://gw", "gw:80"),
+            ("http://gw:80", "gw"),
+            ("https://gw", "gw"),
+            ("https://gw", "gw:443"),
+            ("https://gw:443", "gw"),
+            ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+            ("http://[::1]:8080", "[::1]:8080"),
+            ("http://[::1]", "[::1]:80"),
+        ] {
+            assert!(
+                allowed(&[("origin", origin), ("host", host)], &[]),
+                "{origin} {host}"
+            );
+        }
+        for (origin, host) in [
+            // The port that the old config dropped: a browser on :8080 behind nginx.
+            ("http://127.0.0.1:8080", "127.0.0.1"),
+            ("http://gw", "gw:8080"),
+            ("http://gw:8080", "gw"),
+            ("http://gw", "gw:443"),
+            ("https://gw", "gw:80"),
+            ("http://[::1]:8080", "[::1]:8081"),
+            // Only http and https origins name a host; other schemes need the allow-list.
+            ("ftp://gw", "gw"),
+            ("chrome-extension://gw", "gw"),
+        ] {
+            assert!(
+                !allowed(&[("origin", origin), ("host", host)], &[]),
+                "{origin} {host}"
+            );
+        }
+        // In the allow-list too.
+        assert!(allowed(
+            &[("origin", "https://a.example.org")],
+            &["https://*.example.org:443"]
         ));
-        assert!(origin_allowed(
-            &headers(&[("origin", "https://a.b.example.org")]),
-            &list
+        assert!(allowed(
+            &[("origin", "https://app.example.com:443")],
+            &["https://app.example.com"]
         ));
-        assert!(!origin_allowed(
-            &headers(&[("origin", "https://example.org")]),
-            &list
+        assert!(!allowed(
+            &[("origin", "https://app.example.com:8443")],
+            &["https://app.example.com"]
         ));
-        assert!(!origin_allowed(
-            &headers(&[("origin", "https://evilexample.org")]),
-            &list
+        assert!(allowed(
+            &[("origin", "http://a.b:8080")],
+            &["http://a.b:8080"]
         ));
-        assert!(!origin_allowed(
-            &headers(&[("origin", "http://a.example.org")]),
-            &list
-        ));
-        assert!(!origin_allowed(
-            &headers(&[("origin", "https://app.example.com.evil")]),
-            &list
-        ));
-        assert!(!origin_allowed(&headers(&[("origin", "null")]), &list));
+    }
+
+    #[test]
+    fn forwarded_hosts_count_from_trusted_proxies_only() {
+        let through_proxy = headers(&[
+            ("host", "10.0.0.5:8080"),
+            ("x-forwarded-host", "chat.example.com"),
+            ("origin", "https://chat.example.com"),
+        ]);
+        assert_eq!(check_origin(&through_proxy, &[], true), Ok(()));
+        assert_eq!(
+            check_origin(&through_proxy, &[], false),
+            Err(OriginRefusal::OtherHost),
+            "anyone can send X-Forwarded-Host"
+        );
+        // A client's own X-Forwarded-Host is not believed either: the Host decides.
+        let forged = headers(&[
+            ("host", "gw:8080"),
+            ("x-forwarded-host", "evil.example"),
+            ("origin", "http://gw:8080"),
+        ]);
+        assert_eq!(check_origin(&forged, &[], false), Ok(()));
+        // Several entries: the last is the one the proxy nearest to the node wrote.
+        let mut chain = headers(&[
+            ("host", "10.0.0.5:8080"),
+            ("x-forwarded-host", "evil.example, gw.example"),
+            ("origin", "https://gw.example"),
+        ]);
+        assert_eq!(check_origin(&chain, &[], true), Ok(()));
+        chain.append("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        assert_eq!(
+            check_origin(&chain, &[], true),
+            Err(OriginRefusal::OtherHost)
+        );
+        assert_eq!(request_host(&chain, true), Some("evil.example"));
+        assert_eq!(request_host(&chain, false), Some("10.0.0.5:8080"));
     }
 
     #[test]
@@ -187,30 +411,55 @@ mod tests {
 
     #[test]
     fn origin_edges() {
-        let none: &[String] = &[];
         // Hosts compare without regard to case, ports included.
-        assert!(origin_allowed(
-            &headers(&[("host", "GW:8080"), ("origin", "http://gw:8080")]),
-            none
+        assert!(allowed(
+            &[("host", "GW:8080"), ("origin", "http://gw:8080")],
+            &[]
         ));
-        assert!(!origin_allowed(
-            &headers(&[("host", "gw:8080"), ("origin", "http://gw:8081")]),
-            none
+        assert!(!allowed(
+            &[("host", "gw:8080"), ("origin", "http://gw:8081")],
+            &[]
         ));
-        assert!(!origin_allowed(&headers(&[("origin", "http://gw")]), none));
-        let list = ["HTTPS://*.Example.org".to_string()];
-        assert!(origin_allowed(
-            &headers(&[("origin", "https://A.example.ORG")]),
-            &list
-        ));
-        assert!(!origin_allowed(
-            &headers(&[("origin", "https://a.example.org:8443")]),
-            &list
-        ));
-        assert!(!origin_allowed(
-            &headers(&[("origin", "https://.example.org")]),
-            &list
-        ));
+        // No Host to compare with.
+        assert!(!allowed(&[("origin", "http://gw")], &[]));
+        let list = ["HTTPS://*.Example.org"];
+        assert!(allowed(&[("origin", "https://A.example.ORG")], &list));
+        assert!(!allowed(&[("origin", "https://a.example.org:8443")], &list));
+        assert!(!allowed(&[("origin", "https://.example.org")], &list));
+        // Not an origin: refused as malformed, whatever the host.
+        for origin in [
+            "null",
+            "gw:8080",
+            "http://",
+            "http://gw:8080/",
+            "http://gw:8080/path",
+            "http://user@gw:8080",
+            "http://gw:",
+            "http://gw:99999",
+            "http://gw:80x",
+            "http://gw:+80",
+            "http://gw :80",
+            "://gw",
+            "1http://gw",
+        ] {
+            let pairs = [("host", "gw:8080"), ("origin", origin)];
+            assert_eq!(
+                check_origin(&headers(&pairs), &[], false),
+                Err(OriginRefusal::Malformed),
+                "{origin}"
+            );
+        }
+        // A malformed Host or X-Forwarded-Host never matches.
+        for host in ["", "gw:", "gw:8080/x", "u@gw:8080", "gw:8080, "] {
+            let pairs = [("origin", "http://gw:8080"), ("x-forwarded-host", host)];
+            let mut with_host = headers(&pairs);
+            with_host.insert(HOST, HeaderValue::from_static("10.0.0.5"));
+            assert_eq!(
+                check_origin(&with_host, &[], true),
+                Err(OriginRefusal::OtherHost),
+                "{host:?}"
+            );
+        }
         // Bytes that are not visible ASCII: refused, never a panic.
         let mut odd = HeaderMap::new();
         odd.insert(
@@ -218,8 +467,21 @@ mod tests {
             HeaderValue::from_bytes(b"https://\xe9.example.org").unwrap(),
         );
         odd.insert(HOST, HeaderValue::from_bytes(b"\xe9.example.org").unwrap());
-        assert!(!origin_allowed(&odd, none));
-        assert!(!origin_allowed(&odd, &list));
+        let list: Vec<String> = list.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            check_origin(&odd, &[], false),
+            Err(OriginRefusal::Malformed)
+        );
+        assert_eq!(
+            check_origin(&odd, &list, false),
+            Err(OriginRefusal::Malformed)
+        );
+        let mut odd_host = headers(&[("origin", "http://gw")]);
+        odd_host.insert(HOST, HeaderValue::from_bytes(b"g\xe9w").unwrap());
+        assert_eq!(
+            check_origin(&odd_host, &[], false),
+            Err(OriginRefusal::OtherHost)
+        );
     }
 
     #[test]

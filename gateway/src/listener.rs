@@ -10,21 +10,21 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
-    SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+    HeaderMap, HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, ORIGIN, SEC_WEBSOCKET_ACCEPT,
+    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::connection;
-use crate::handshake;
+use crate::handshake::{self, OriginRefusal};
 use crate::node::Node;
 
 type Body = Full<Bytes>;
@@ -63,9 +63,9 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let node = node.clone();
         let inner = tasks.clone();
+        let rejections = node.metrics.rejections.clone();
         tasks.spawn(async move {
             let handshake_timeout = node.config.handshake_timeout;
-            let rejections = node.metrics.rejections.clone();
             let service = service_fn(move |req| {
                 let node = node.clone();
                 let tasks = inner.clone();
@@ -92,17 +92,31 @@ fn route(
     peer: IpAddr,
     tasks: &TaskTracker,
 ) -> Response<Body> {
-    let is_upgrade = req
-        .headers()
+    let headers = req.headers();
+    let is_upgrade = headers
         .get(UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    // A handshake whose Upgrade header a proxy dropped still carries its key.
+    let is_handshake = is_upgrade || headers.contains_key(SEC_WEBSOCKET_KEY);
     match req.uri().path() {
         "/ws" if is_upgrade => upgrade(req, node, peer, tasks),
+        "/ws" if is_handshake => Refusal::new(
+            "bad_request",
+            StatusCode::UPGRADE_REQUIRED,
+            "a WebSocket handshake without `Upgrade: websocket` (a proxy that drops it?)",
+        )
+        .answer(&node, peer, headers),
         "/ws" => status(
             StatusCode::UPGRADE_REQUIRED,
             "this is a WebSocket endpoint: connect to /ws\n",
         ),
+        _ if is_handshake => Refusal::new(
+            "not_found",
+            StatusCode::NOT_FOUND,
+            "a WebSocket handshake to another path than /ws",
+        )
+        .answer(&node, peer, headers),
         "/" => file("text/html; charset=utf-8", INDEX_HTML),
         "/client.js" => file("text/javascript; charset=utf-8", CLIENT_JS),
         "/client.d.ts" => file("text/plain; charset=utf-8", CLIENT_D_TS),
@@ -121,46 +135,26 @@ fn upgrade(
     tasks: &TaskTracker,
 ) -> Response<Body> {
     let headers = req.headers();
-    let key = headers
-        .get(SEC_WEBSOCKET_KEY)
-        .map(|k| derive_accept_key(k.as_bytes()));
-    let version_ok = headers
-        .get(SEC_WEBSOCKET_VERSION)
-        .is_some_and(|v| v == "13");
-    let (Some(accept), true, &hyper::Method::GET) = (key, version_ok, req.method()) else {
-        node.metrics
-            .rejections
-            .with_label_values(&["bad_request"])
-            .inc();
-        let mut response = status(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n");
-        response
-            .headers_mut()
-            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        return response;
-    };
-    if !handshake::origin_allowed(headers, &node.config.allowed_origins) {
-        node.metrics.rejections.with_label_values(&["origin"]).inc();
-        return status(StatusCode::FORBIDDEN, "origin not allowed\n");
-    }
-    if node.is_draining() {
-        node.metrics
-            .rejections
-            .with_label_values(&["draining"])
-            .inc();
-        return status(StatusCode::SERVICE_UNAVAILABLE, "node is draining\n");
+    if let Err(refusal) = check(&req, &node, peer) {
+        return refusal.answer(&node, peer, headers);
     }
     let Ok(permit) = node.capacity.clone().try_acquire_owned() else {
-        node.metrics
-            .rejections
-            .with_label_values(&["capacity"])
-            .inc();
-        return status(StatusCode::SERVICE_UNAVAILABLE, "node at capacity\n");
+        return Refusal::new(
+            "capacity",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node at capacity (--max-connections)",
+        )
+        .answer(&node, peer, headers);
     };
-    node.metrics.handshakes.inc();
+    let accept = headers
+        .get(SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+        .expect("checked: the request has a key");
     let protocol = handshake::subprotocol(headers);
     let token = handshake::token(req.uri(), headers, &node.config.token_cookie);
     let client = handshake::client_address(peer, headers, &node.config.trusted_proxies);
     let upgrading = hyper::upgrade::on(&mut req);
+    node.metrics.handshakes.inc();
     tasks.spawn(async move {
         // The socket itself, out of hyper's wrappers: the fan-out writes to it directly.
         match upgrading.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
@@ -185,6 +179,120 @@ fn upgrade(
         headers.insert(SEC_WEBSOCKET_PROTOCOL, protocol);
     }
     response
+}
+
+/// The checks of an upgrade before the node commits a connection to it, in the order a client
+/// would want to learn of them: its own mistakes, then its origin, then the node's state.
+fn check(req: &Request<Incoming>, node: &Node, peer: IpAddr) -> Result<(), Refusal> {
+    let headers = req.headers();
+    // RFC 6455 4.1: the opening handshake is HTTP/1.1 or later.
+    if req.version() < Version::HTTP_11 {
+        return Err(Refusal::new(
+            "http_version",
+            StatusCode::BAD_REQUEST,
+            "WebSocket handshakes need HTTP/1.1 or later",
+        ));
+    }
+    let version_ok = headers
+        .get(SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    if req.method() != Method::GET || !headers.contains_key(SEC_WEBSOCKET_KEY) || !version_ok {
+        return Err(Refusal::new(
+            "bad_request",
+            StatusCode::BAD_REQUEST,
+            "bad WebSocket upgrade request (GET with Sec-WebSocket-Key and version 13)",
+        ));
+    }
+    let from_proxy = handshake::is_trusted_proxy(peer, &node.config.trusted_proxies);
+    if let Err(why) = handshake::check_origin(headers, &node.config.allowed_origins, from_proxy) {
+        return Err(
+            Refusal::new("origin", StatusCode::FORBIDDEN, "origin not allowed").because(why),
+        );
+    }
+    if node.is_draining() {
+        return Err(Refusal::new(
+            "draining",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node is draining",
+        ));
+    }
+    Ok(())
+}
+
+/// A handshake answered with an HTTP status instead of 101.
+struct Refusal {
+    /// The label of `bgw_handshake_rejections_total`.
+    reason: &'static str,
+    status: StatusCode,
+    /// What the client is told, in the body, and the operator, in the log.
+    message: &'static str,
+    /// Why the origin was refused, when it was.
+    origin: Option<OriginRefusal>,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, status: StatusCode, message: &'static str) -> Self {
+        Self {
+            reason,
+            status,
+            message,
+            origin: None,
+        }
+    }
+
+    fn because(self, origin: OriginRefusal) -> Self {
+        Self {
+            origin: Some(origin),
+            ..self
+        }
+    }
+
+    /// Counts the refusal and logs it at info, with what an operator needs to see why (never the
+    /// query string, which may carry a token), then answers it.
+    fn answer(self, node: &Node, peer: IpAddr, headers: &HeaderMap) -> Response<Body> {
+        node.metrics
+            .rejections
+            .with_label_values(&[self.reason])
+            .inc();
+        let client = handshake::client_address(peer, headers, &node.config.trusted_proxies);
+        let from_proxy = handshake::is_trusted_proxy(peer, &node.config.trusted_proxies);
+        let shown = |value: Option<&str>| value.unwrap_or("-").to_owned();
+        let header = |name| {
+            shown(
+                headers
+                    .get(name)
+                    .and_then(|v: &HeaderValue| v.to_str().ok()),
+            )
+        };
+        match self.origin {
+            Some(why) => info!(
+                %peer,
+                %client,
+                reason = self.reason,
+                status = self.status.as_u16(),
+                origin = header(ORIGIN),
+                host = shown(handshake::request_host(headers, from_proxy)),
+                allowed_origins = ?node.config.allowed_origins,
+                "handshake refused: {why}"
+            ),
+            None => info!(
+                %peer,
+                %client,
+                reason = self.reason,
+                status = self.status.as_u16(),
+                "handshake refused: {}",
+                self.message
+            ),
+        }
+        let mut response = status(self.status, "");
+        *response.body_mut() = Body::from(format!("{}\n", self.message));
+        if self.status == StatusCode::BAD_REQUEST {
+            response
+                .headers_mut()
+                .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
+        response
+    }
 }
 
 /// One of the built-in files; `no-cache` so that a browser picks up a new binary's version.

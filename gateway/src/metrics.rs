@@ -26,7 +26,7 @@ pub const DROP_REASONS: &[&str] = &[
 
 /// `reason` of `bgw_handshake_rejections_total`: why a WebSocket handshake was not upgraded.
 pub const REJECTION_REASONS: &[&str] =
-    &["bad_request", "origin", "draining", "capacity", "timeout"];
+    &["bad_request", "http_version", "not_found", "origin", "draining", "capacity", "timeout"];
 
 /// `limit` of `bgw_limit_hits_total`: the limit that refused a request.
 pub const LIMITS: &[&str] = &["rate", "subscriptions", "publish_size"];

@@ -250,32 +250,39 @@ async fn may_publish(client: &mut Client, channel: &str) -> bool {
     }
 }
 
+/// PROTOCOL.md: with a key configured, a token's `publish` claim alone decides where its holder
+/// may publish; `--client-publish` (for anonymous clients) changes nothing either way.
 #[tokio::test]
-async fn publish_patterns_limit_client_publishing() {
+async fn the_publish_claim_alone_decides_where_a_token_may_publish() {
     let token = hs256(&claims("u42", &["*"], &["user.42.*", "chat"]), SECRET);
-    let gw = Gateway::start(&["--jwt-secret", SECRET, "--client-publish"]);
-    let mut client = gw.connect().await;
-    client.hello_token(&token).await;
-    for (channel, allowed) in [
-        ("user.42.out", true),
-        ("chat", true),
-        ("chat2", false),
-        ("news", false),
-        ("user.43.out", false),
+    let no_claim = hs256(&claims("u43", &["*"], &[]), SECRET);
+    for flags in [
+        &["--jwt-secret", SECRET][..],
+        &["--jwt-secret", SECRET, "--client-publish"][..],
     ] {
-        assert_eq!(
-            may_publish(&mut client, channel).await,
-            allowed,
-            "{channel}"
+        let gw = Gateway::start(flags);
+        let mut client = gw.connect().await;
+        client.hello_token(&token).await;
+        for (channel, allowed) in [
+            ("user.42.out", true),
+            ("chat", true),
+            ("chat2", false),
+            ("news", false),
+            ("user.43.out", false),
+        ] {
+            assert_eq!(
+                may_publish(&mut client, channel).await,
+                allowed,
+                "{channel} with {flags:?}"
+            );
+        }
+        let mut client = gw.connect().await;
+        client.hello_token(&no_claim).await;
+        assert!(
+            !may_publish(&mut client, "chat").await,
+            "a token without the claim may not publish, with {flags:?}"
         );
     }
-
-    // The claim alone decides: `--client-publish` is for anonymous clients.
-    let gw = hs256_node();
-    let mut client = gw.connect().await;
-    client.hello_token(&token).await;
-    assert!(may_publish(&mut client, "chat").await);
-    assert!(!may_publish(&mut client, "news").await);
 }
 
 #[tokio::test]

@@ -193,3 +193,182 @@ async fn plain_http_gets_426_and_unknown_paths_404() {
     );
     assert_eq!(http_raw(gw.client_addr, &broken).await.0, 400);
 }
+
+/// A raw upgrade request to `/ws` of `gw` in HTTP `version` (`HTTP/1.1`).
+fn raw_upgrade(gw: &Gateway, version: &str) -> String {
+    format!(
+        "GET /ws {version}\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        gw.client_addr
+    )
+}
+
+/// Waits for a log line of `gw` that has every one of `parts`, and returns it.
+async fn log_line(gw: &Gateway, parts: &[&str]) -> String {
+    let until = tokio::time::Instant::now() + common::DEADLINE;
+    loop {
+        if let Some(line) = gw
+            .logs()
+            .lines()
+            .find(|line| parts.iter().all(|part| line.contains(part)))
+        {
+            return line.to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no log line with {parts:?} in:\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_http_1_0_upgrade_is_refused_with_400() {
+    let gw = Gateway::start(&[]);
+    let (status, response) = http_raw(gw.client_addr, &raw_upgrade(&gw, "HTTP/1.0")).await;
+    assert_eq!(status, 400, "{response}");
+    assert!(!response.contains("101"), "{response}");
+    assert!(response.contains("HTTP/1.1 or later"), "{response}");
+    // In HTTP/1.1, the same request upgrades.
+    let mut stream = tokio::net::TcpStream::connect(gw.client_addr)
+        .await
+        .unwrap();
+    let request = raw_upgrade(&gw, "HTTP/1.1");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = tokio::time::timeout(
+        common::DEADLINE,
+        tokio::io::AsyncReadExt::read(&mut stream, &mut head),
+    )
+    .await
+    .expect("upgrade response")
+    .unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    gw.wait_metric(
+        r#"bgw_handshake_rejections_total{reason="http_version"}"#,
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn every_refused_handshake_is_logged_at_info_with_its_reason() {
+    let gw = Gateway::start(&["--max-connections", "1"]);
+    let evil = "http://evil.example:8080";
+    let refused = gw.try_connect(with_header(&gw, "origin", evil)).await;
+    assert_eq!(refusal_status(refused), 403);
+    let line = log_line(&gw, &["handshake refused", "reason=\"origin\""]).await;
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(line.contains(evil), "the origin it compared: {line}");
+    assert!(
+        line.contains(&format!("host=\"{}\"", gw.client_addr)),
+        "{line}"
+    );
+    assert!(
+        line.contains("not the host the request was sent to"),
+        "{line}"
+    );
+
+    let (status, _) = http_raw(gw.client_addr, &raw_upgrade(&gw, "HTTP/1.0")).await;
+    assert_eq!(status, 400);
+    log_line(
+        &gw,
+        &[" INFO ", "handshake refused", "reason=\"http_version\""],
+    )
+    .await;
+
+    let no_key = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        gw.client_addr
+    );
+    assert_eq!(http_raw(gw.client_addr, &no_key).await.0, 400);
+    log_line(
+        &gw,
+        &[" INFO ", "handshake refused", "reason=\"bad_request\""],
+    )
+    .await;
+
+    // A proxy that drops the Upgrade header leaves the key: the log says what happened.
+    let no_upgrade = format!(
+        "GET /ws?token=SECRET-IN-QUERY HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        gw.client_addr
+    );
+    assert_eq!(http_raw(gw.client_addr, &no_upgrade).await.0, 426);
+    log_line(&gw, &[" INFO ", "handshake refused", "Upgrade: websocket"]).await;
+
+    let (_first, _) = gw.connect_hello().await;
+    assert_eq!(refusal_status(gw.try_connect(gw.request("")).await), 503);
+    log_line(&gw, &[" INFO ", "handshake refused", "reason=\"capacity\""]).await;
+    // Never the query string: tokens travel there.
+    assert!(!gw.logs().contains("SECRET-IN-QUERY"), "{}", gw.logs());
+}
+
+#[tokio::test]
+async fn x_forwarded_host_is_believed_from_trusted_proxies_only() {
+    // What a proxy that rewrites Host sends: the browser's host in X-Forwarded-Host.
+    let proxied = |gw: &Gateway| {
+        let mut request = gw.request("");
+        let headers = request.headers_mut();
+        headers.insert("host", HeaderValue::from_static("10.0.0.5:8080"));
+        headers.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("chat.example.com"),
+        );
+        headers.insert(
+            "origin",
+            HeaderValue::from_static("https://chat.example.com"),
+        );
+        request
+    };
+    let trusting = Gateway::start(&["--trusted-proxies", "127.0.0.1"]);
+    let mut client = trusting
+        .try_connect(proxied(&trusting))
+        .await
+        .expect("the proxy's X-Forwarded-Host is the browser's host");
+    client.hello().await;
+    let other = Gateway::start(&["--trusted-proxies", "10.0.0.0/8"]);
+    assert_eq!(
+        refusal_status(other.try_connect(proxied(&other)).await),
+        403
+    );
+}
+
+#[tokio::test]
+async fn a_missing_port_is_the_default_port_of_the_origins_scheme() {
+    let gw = Gateway::start(&[]);
+    let with = |host: &'static str, origin: &'static str| {
+        let mut request = gw.request("");
+        request
+            .headers_mut()
+            .insert("host", HeaderValue::from_static(host));
+        request
+            .headers_mut()
+            .insert("origin", HeaderValue::from_static(origin));
+        request
+    };
+    for (host, origin) in [
+        ("gw.example", "http://gw.example"),
+        ("gw.example:80", "http://gw.example"),
+        ("gw.example", "https://gw.example"),
+        ("GW.example:8080", "http://gw.EXAMPLE:8080"),
+    ] {
+        let mut client = gw
+            .try_connect(with(host, origin))
+            .await
+            .unwrap_or_else(|e| panic!("{host} {origin}: {e}"));
+        client.hello().await;
+    }
+    for (host, origin) in [
+        ("gw.example", "http://gw.example:8080"),
+        ("gw.example:8080", "http://gw.example"),
+        ("gw.example:443", "http://gw.example"),
+    ] {
+        let refused = gw.try_connect(with(host, origin)).await;
+        assert_eq!(refusal_status(refused), 403, "{host} {origin}");
+    }
+}

@@ -12,10 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{channel, Admin, Client, DEADLINE};
+use common::{channel, refusal_status, Admin, Client, DEADLINE};
 use redis_server::{free_port, wait_for};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::header::ORIGIN;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 const NODES: u16 = 3;
 
@@ -228,6 +231,22 @@ impl Drop for LocalCluster {
     }
 }
 
+/// `GET path` on the loopback `port`, as a browser sends it; the whole response.
+async fn http_get(port: u16, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut response))
+        .await
+        .expect("the response timed out")
+        .expect("read");
+    response
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_sh_starts_a_cluster_that_delivers_and_down_sh_stops_all_of_it() {
     let (mut cluster, output) = LocalCluster::up(NODES).await;
@@ -273,14 +292,25 @@ async fn up_sh_starts_a_cluster_that_delivers_and_down_sh_stops_all_of_it() {
         assert!(body.contains(&format!("\"gateway-{node}\"")), "{body}");
     }
 
-    // A client through nginx gets what is published on another node.
-    let request = format!("{client_url}?key=local-cluster")
-        .into_client_request()
-        .unwrap();
-    let (ws, response) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(request))
-        .await
-        .expect("the upgrade through nginx timed out")
-        .expect("the upgrade through nginx succeeded");
+    // A browser on nginx's origin (the demo page it serves at /) through nginx gets what is
+    // published on another node.
+    let origin = format!("http://127.0.0.1:{}", ports.client);
+    let page = http_get(ports.client, "/").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "the demo page: {page}");
+    let browser = |origin: &str| {
+        let mut request = format!("{client_url}?key=local-cluster")
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert(ORIGIN, HeaderValue::from_str(origin).unwrap());
+        request
+    };
+    let (ws, response) =
+        tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(browser(&origin)))
+            .await
+            .expect("the upgrade through nginx timed out")
+            .expect("the upgrade of a browser on nginx's origin succeeded");
     let mut client = Client::from_parts(ws, response);
     let home = client.hello().await.node;
     let news = channel("local");
@@ -300,6 +330,21 @@ async fn up_sh_starts_a_cluster_that_delivers_and_down_sh_stops_all_of_it() {
         "published through gateway-{publisher}, received on {home}"
     );
     client.close().await;
+    // A page of another origin is refused, and the node it reached says why.
+    let refused = tokio::time::timeout(
+        DEADLINE,
+        tokio_tungstenite::connect_async(browser("http://evil.example")),
+    )
+    .await
+    .expect("the refusal through nginx timed out")
+    .map(|(ws, response)| Client::from_parts(ws, response));
+    assert_eq!(refusal_status(refused), 403);
+    wait_for(DEADLINE, || {
+        cluster
+            .logs()
+            .lines()
+            .any(|line| line.contains("handshake refused") && line.contains("http://evil.example"))
+    });
 
     // down.sh stops all of it, and nothing listens any more.
     cluster.down().await;

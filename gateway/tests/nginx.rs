@@ -7,17 +7,20 @@ mod redis_server;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{channel, position, Client, Gateway, DEADLINE};
+use common::{channel, http_raw, position, refusal_status, Client, Gateway, DEADLINE};
 use redis_server::{free_port, wait_for, RedisServer};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::header::{COOKIE, SET_COOKIE};
+use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::http::header::{COOKIE, ORIGIN, SET_COOKIE};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-/// nginx with the shipped config, in a directory of its own. Only the `listen` line changes:
-/// a free loopback port instead of 8080.
+/// nginx with the shipped config, run as its header says (`nginx -p DIR -c nginx.conf`) in a
+/// directory that holds nothing but the config and `upstreams.conf`. Only the `listen` line
+/// changes: a free loopback port instead of 8080.
 struct Nginx {
     child: Child,
     addr: SocketAddr,
@@ -28,7 +31,7 @@ impl Nginx {
     fn start(nodes: &[&Gateway]) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("bgw-nginx-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
         let shipped =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../nginx/nginx.conf"))
                 .unwrap();
@@ -48,22 +51,50 @@ impl Nginx {
             })
             .collect();
         std::fs::write(dir.join("upstreams.conf"), upstreams).unwrap();
-        let log = std::fs::File::create(dir.join("access.log")).unwrap();
-        let child = Command::new("nginx")
+        // Its logs outside the directory, which must hold nothing else at the start.
+        let log_dir = dir.with_extension("logs");
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let log = std::fs::File::create(log_dir.join("access.log")).unwrap();
+        let errors = std::fs::File::create(log_dir.join("error.log")).unwrap();
+        let mut child = Command::new("nginx")
             .arg("-p")
             .arg(&dir)
-            .args(["-c", "nginx.conf", "-e", "stderr"])
+            .args(["-c", "nginx.conf"])
             .stdout(log)
-            .stderr(Stdio::null())
+            .stderr(errors)
             .spawn()
             .expect("nginx runs (deploy/test.sh installs it)");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        wait_for(DEADLINE, || std::net::TcpStream::connect(addr).is_ok());
+        wait_for(DEADLINE, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "nginx exited ({status}) in a directory with only its config:\n{}",
+                    std::fs::read_to_string(log_dir.join("error.log")).unwrap_or_default()
+                );
+            }
+            std::net::TcpStream::connect(addr).is_ok()
+        });
         Self { child, addr, dir }
     }
 
+    /// An upgrade request to `/ws?key=KEY` through nginx, as a browser on nginx's own origin
+    /// sends it: `Host` and `Origin` with the port.
+    fn browser_request(&self, key: &str, origin: &str) -> Request {
+        let mut request = format!("ws://{}/ws?key={key}", self.addr)
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert(ORIGIN, HeaderValue::from_str(origin).unwrap());
+        request
+    }
+
+    fn own_origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     fn access_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("access.log")).unwrap()
+        std::fs::read_to_string(self.dir.with_extension("logs").join("access.log")).unwrap()
     }
 
     async fn connect(&self, query: &str) -> Client {
@@ -73,10 +104,7 @@ impl Nginx {
         self.connect_request(request).await
     }
 
-    async fn connect_request(
-        &self,
-        request: tokio_tungstenite::tungstenite::handshake::client::Request,
-    ) -> Client {
+    async fn connect_request(&self, request: Request) -> Client {
         let (ws, response) =
             tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(request))
                 .await
@@ -102,6 +130,7 @@ impl Drop for Nginx {
             .status();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(self.dir.with_extension("logs"));
     }
 }
 
@@ -266,4 +295,76 @@ async fn query_tokens_never_reach_the_access_log() {
     tokio::time::timeout(Duration::from_secs(5), client.recv_welcome())
         .await
         .expect("welcome through nginx");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_on_nginxs_origin_connects_and_others_get_403() {
+    let redis = RedisServer::start(false);
+    // The nodes trust nginx, as every deploy has them: its X-Forwarded-Host counts.
+    let nodes = nodes(&redis, &["--trusted-proxies", "127.0.0.1"]);
+    let nginx = Nginx::start(&nodes.iter().collect::<Vec<_>>());
+    let own = nginx.own_origin();
+    assert!(own.contains(':'), "the origin has a port: {own}");
+
+    // Keys on every node: each of them accepts the browser.
+    let mut seen = BTreeSet::new();
+    for i in 0..30 {
+        let request = nginx.browser_request(&format!("browser-{i}"), &own);
+        let mut client = nginx.connect_request(request).await;
+        seen.insert(client.hello().await.node);
+        client.close().await;
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "every node took the browser's origin: {seen:?}"
+    );
+
+    // A whole exchange.
+    let news = channel("origin");
+    let mut client = nginx
+        .connect_request(nginx.browser_request("page", &own))
+        .await;
+    client.hello().await;
+    client.subscribe(&news).await;
+    nodes[1].publish_ok(&news, r#""through nginx""#).await;
+    assert_eq!(client.recv_message().await.data, r#""through nginx""#);
+
+    // Another page, or one that claims nginx's host in its own X-Forwarded-Host: 403.
+    for origin in ["http://evil.example", "http://127.0.0.1", "null"] {
+        let request = nginx.browser_request("page", origin);
+        let refused = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("the refusal timed out")
+            .map(|(ws, response)| Client::from_parts(ws, response));
+        assert_eq!(refusal_status(refused), 403, "{origin}");
+    }
+    let mut forged = nginx.browser_request("page", "http://evil.example");
+    forged
+        .headers_mut()
+        .insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+    let refused = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(forged))
+        .await
+        .expect("the refusal timed out")
+        .map(|(ws, response)| Client::from_parts(ws, response));
+    assert_eq!(
+        refusal_status(refused),
+        403,
+        "nginx replaces a client's X-Forwarded-Host"
+    );
+
+    // The demo page that opens that WebSocket comes through nginx too.
+    let (status, page) = http_raw(
+        nginx.addr,
+        &format!(
+            "GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            nginx.addr
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("<html") || page.contains("<!doctype"),
+        "{page}"
+    );
 }

@@ -7,7 +7,6 @@ use shared::{valid_channel, ErrorCode, ServerFrame};
 use tracing::warn;
 
 use super::super::Connection;
-use crate::auth::Identity;
 
 impl Connection {
     pub(super) async fn publish(&mut self, id: Option<Id>, channel: String, data: Bytes) {
@@ -19,12 +18,10 @@ impl Connection {
                 "invalid channel name",
             ));
         }
-        // A token's `publish` claim alone decides; anonymous clients need the switch.
-        let allowed = match self.identity() {
-            Identity::Anonymous => node.config.client_publish,
-            user => user.may_publish(&channel),
-        };
-        if !allowed {
+        if !self
+            .identity()
+            .may_publish(&channel, node.config.client_publish)
+        {
             return self.reply(ServerFrame::error(
                 id,
                 ErrorCode::Forbidden,
