@@ -78,11 +78,14 @@ async fn route(req: Request<Incoming>, node: &Node) -> Response<Body> {
     }
 }
 
+/// Ready when not draining and the broker is reachable: its link is up (no I/O, so that a
+/// node whose Redis is down answers at once) and it answers a ping.
 async fn readyz(node: &Node) -> Response<Body> {
-    let broker_up = matches!(
-        tokio::time::timeout(BROKER_PING_TIMEOUT, node.broker.ping()).await,
-        Ok(Ok(()))
-    );
+    let broker_up = node.broker.available()
+        && matches!(
+            tokio::time::timeout(BROKER_PING_TIMEOUT, node.broker.ping()).await,
+            Ok(Ok(()))
+        );
     let (code, status) = match (node.is_draining(), broker_up) {
         (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
         (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),

@@ -47,9 +47,26 @@ pub struct Config {
     #[arg(long, env = "BGW_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Redis URL (`redis://host:port/db`). Absent: the embedded in-process broker (one node).
+    /// Redis URL: `redis://[user:password@]host:port[/db]` (`rediss://` for TLS), a Redis Cluster
+    /// by its seed nodes `redis+cluster://host:port,host:port`, or the master that Sentinels
+    /// name, `redis+sentinel://host:port,host:port/master-name[/db]` (`rediss+cluster://`,
+    /// `rediss+sentinel://` for TLS). Absent: the embedded in-process broker (one node).
     #[arg(long, env = "BGW_REDIS_URL")]
     pub redis_url: Option<Secret>,
+
+    /// PEM file of the CA certificates that Redis' TLS certificate must chain to (rediss URLs).
+    /// Absent: the system's roots.
+    #[arg(long, env = "BGW_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM file of the certificate (chain) this node presents to Redis, for a Redis that checks
+    /// its clients' certificates (`tls-auth-clients yes`). Needs --redis-client-key.
+    #[arg(long, env = "BGW_REDIS_CLIENT_CERT", requires = "redis_client_key")]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// PEM file of the private key of --redis-client-cert.
+    #[arg(long, env = "BGW_REDIS_CLIENT_KEY", requires = "redis_client_cert")]
+    pub redis_client_key: Option<PathBuf>,
 
     /// HS256 secret that verifies client tokens. With neither key, authentication is off.
     #[arg(long, env = "BGW_JWT_SECRET", conflicts_with = "jwt_public_key")]

@@ -143,6 +143,13 @@ fn upgrade(
             .inc();
         return status(StatusCode::SERVICE_UNAVAILABLE, "node is draining\n");
     }
+    if !node.broker.available() {
+        node.metrics
+            .rejections
+            .with_label_values(&["broker_unavailable"])
+            .inc();
+        return status(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n");
+    }
     let Ok(permit) = node.capacity.clone().try_acquire_owned() else {
         node.metrics
             .rejections

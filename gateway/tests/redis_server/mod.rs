@@ -115,7 +115,7 @@ impl RedisCluster {
         let masters: Vec<RedisServer> = (0..3)
             .map(|_| {
                 let mut server = RedisServer {
-                    port: free_port(),
+                    port: free_cluster_port(),
                     dir: temp_dir("redis-cluster"),
                     persistent: false,
                     cluster: true,
@@ -165,6 +165,16 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+/// A free port whose cluster bus port (port + 10000) is free too, and exists.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= u16::MAX - 10_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn temp_dir(prefix: &str) -> PathBuf {
