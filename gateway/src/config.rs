@@ -329,6 +329,23 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_client_certificate_needs_its_key() {
+        let cert = ["gateway", "--redis-client-cert", "c.pem"];
+        assert!(Cli::try_parse_from(cert).is_err());
+        let both = Cli::try_parse_from([
+            "gateway",
+            "--redis-client-cert",
+            "c.pem",
+            "--redis-client-key",
+            "k.pem",
+            "--redis-ca-file",
+            "ca.pem",
+        ])
+        .unwrap();
+        assert_eq!(both.serve.redis_client_key, Some(PathBuf::from("k.pem")));
+    }
+
+    #[test]
     fn secrets_are_redacted() {
         let cli = Cli::try_parse_from(["gateway", "--jwt-secret", "hunter2", "--api-key", "k3y"])
             .unwrap();
