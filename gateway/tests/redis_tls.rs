@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Gateway, DEADLINE};
-use redis_server::{free_port, Certs, RedisCluster, RedisServer};
+use redis_server::{free_port, Certs, RedisCluster, RedisServer, Sentinels};
 
 async fn wait_ready(node: &Gateway, want: u16) {
     let until = tokio::time::Instant::now() + DEADLINE;
@@ -69,6 +69,14 @@ async fn rediss_cluster_with_a_ca_file_and_a_client_certificate() {
     let cluster = RedisCluster::start_with(Some(certs.clone()));
     assert!(cluster.url().starts_with("rediss+cluster://"));
     two_nodes_over_tls(&cluster.url(), &certs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_sentinel_with_a_ca_file_and_a_client_certificate() {
+    let certs = Certs::generate();
+    let set = Sentinels::start_with(Some(certs.clone()));
+    assert!(set.url().starts_with("rediss+sentinel://"));
+    two_nodes_over_tls(&set.url(), &certs).await;
 }
 
 /// TLS is checked: without the test's CA (the system's roots do not know it), and without the

@@ -367,17 +367,26 @@ pub struct Sentinels {
     pub ports: Vec<u16>,
     children: Vec<Child>,
     dir: PathBuf,
+    tls: Option<Arc<Certs>>,
 }
 
 impl Sentinels {
     pub fn start() -> Self {
-        let master = RedisServer::start(false);
-        let replica_port = free_port();
-        let replica = RedisServer::start_with(
-            replica_port,
-            None,
-            &["--replicaof", "127.0.0.1", &master.port.to_string()],
-        );
+        Self::start_with(None)
+    }
+
+    /// Over TLS with `tls` (clients, replication and the Sentinels), or in the clear.
+    pub fn start_with(tls: Option<Arc<Certs>>) -> Self {
+        let tls_replication: &[&str] = if tls.is_some() {
+            &["--tls-replication", "yes"]
+        } else {
+            &[]
+        };
+        let master = RedisServer::start_with(free_port(), tls.clone(), tls_replication);
+        let master_port = master.port.to_string();
+        let mut replica_args = vec!["--replicaof", "127.0.0.1", &master_port];
+        replica_args.extend(tls_replication);
+        let replica = RedisServer::start_with(free_port(), tls.clone(), &replica_args);
         wait_for(Duration::from_secs(20), || {
             replica
                 .cli(&["INFO", "replication"])
@@ -390,16 +399,27 @@ impl Sentinels {
             ports: Vec::new(),
             children: Vec::new(),
             dir,
+            tls,
         };
         for i in 0..3 {
             let port = free_port();
             let conf = set.dir.join(format!("sentinel-{i}.conf"));
             let work = set.dir.join(format!("sentinel-{i}"));
             std::fs::create_dir_all(&work).expect("a sentinel dir");
+            let listen = match &set.tls {
+                Some(certs) => format!(
+                    "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                     tls-ca-cert-file {}\ntls-replication yes\n",
+                    certs.path("server.crt").display(),
+                    certs.path("server.key").display(),
+                    certs.path("ca.crt").display()
+                ),
+                None => format!("port {port}\n"),
+            };
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                    "{listen}bind 127.0.0.1\ndir {}\n\
                      sentinel monitor mymaster 127.0.0.1 {} 2\n\
                      sentinel down-after-milliseconds mymaster 5000\n\
                      sentinel failover-timeout mymaster 20000\n",
@@ -435,12 +455,17 @@ impl Sentinels {
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
-        format!("redis+sentinel://{}/mymaster", hosts.join(","))
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}+sentinel://{}/mymaster", hosts.join(","))
     }
 
     /// Runs `redis-cli` against the Sentinel on `port`.
     pub fn sentinel(&self, port: u16, args: &[&str]) -> Option<String> {
-        cli(port, None, &[], args)
+        cli(port, self.tls.as_deref(), &[], args)
     }
 
     /// The port of the master the first Sentinel names.
