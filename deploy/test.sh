@@ -6,7 +6,8 @@
 #
 # Runs on a fresh Debian or Ubuntu machine with the Rust toolchain (rustup) present, from any
 # directory. What the tests need and the machine lacks is installed first, and only then:
-# redis-server and nginx (the end-to-end tests start their own on loopback ports), nodejs, npm,
+# redis-server, redis-sentinel and nginx (the end-to-end tests start their own on loopback ports),
+# openssl (it makes the certificates of the Redis TLS tests), nodejs, npm,
 # chromium and chromium-driver (the browser client's tests), shellcheck,
 # docker-compose (v1: only its `config` runs, no Docker engine needed), prometheus (the server and
 # promtool) and python3-venv with apt; hadolint, kubernetes-validate and yamllint (and PyYAML and
@@ -41,7 +42,7 @@ have() {
 }
 
 missing=()
-for program in redis-server nginx shellcheck; do
+for program in redis-server redis-sentinel openssl nginx shellcheck; do
     have "${program}" || missing+=("${program}")
 done
 # The browser client's tests: Node's test runner, npm (its package), and headless chromium

@@ -71,6 +71,8 @@ async fn route(req: Request<Incoming>, node: &Node) -> Response<Body> {
     }
 }
 
+/// Ready when not draining and the broker is reachable: its link is up (no I/O, so that a
+/// node whose Redis is down answers at once) and it answers a ping.
 async fn readyz(node: &Node) -> Response<Body> {
     let broker_up = broker_up(node).await;
     let (code, status) = match (node.is_draining(), broker_up) {
@@ -106,10 +108,11 @@ fn gauge_value(n: usize) -> i64 {
 
 /// Whether the broker answers within the ping timeout; `bgw_broker_up` follows the answer.
 async fn broker_up(node: &Node) -> bool {
-    let up = matches!(
-        tokio::time::timeout(BROKER_PING_TIMEOUT, node.broker.ping()).await,
-        Ok(Ok(()))
-    );
+    let up = node.broker.available()
+        && matches!(
+            tokio::time::timeout(BROKER_PING_TIMEOUT, node.broker.ping()).await,
+            Ok(Ok(()))
+        );
     node.metrics.broker_up.set(i64::from(up));
     up
 }

@@ -47,9 +47,26 @@ pub struct Config {
     #[arg(long, env = "BGW_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Redis URL (`redis://host:port/db`). Absent: the embedded in-process broker (one node).
+    /// Redis URL: `redis://[user:password@]host:port[/db]` (`rediss://` for TLS), a Redis Cluster
+    /// by its seed nodes `redis+cluster://host:port,host:port`, or the master that Sentinels
+    /// name, `redis+sentinel://host:port,host:port/master-name[/db]` (`rediss+cluster://`,
+    /// `rediss+sentinel://` for TLS). Absent: the embedded in-process broker (one node).
     #[arg(long, env = "BGW_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<Secret>,
+
+    /// PEM file of the CA certificates that Redis' TLS certificate must chain to (rediss URLs).
+    /// Absent: the system's roots.
+    #[arg(long, env = "BGW_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM file of the certificate (chain) this node presents to Redis, for a Redis that checks
+    /// its clients' certificates (`tls-auth-clients yes`). Needs --redis-client-key.
+    #[arg(long, env = "BGW_REDIS_CLIENT_CERT", requires = "redis_client_key")]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// PEM file of the private key of --redis-client-cert.
+    #[arg(long, env = "BGW_REDIS_CLIENT_KEY", requires = "redis_client_cert")]
+    pub redis_client_key: Option<PathBuf>,
 
     /// HS256 secret that verifies client tokens. With neither key, authentication is off.
     #[arg(
@@ -317,6 +334,23 @@ mod tests {
             .collect();
         assert_eq!(nets, ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]);
         assert!(Cli::try_parse_from(["gateway", "--trusted-proxies", "nope"]).is_err());
+    }
+
+    #[test]
+    fn a_redis_client_certificate_needs_its_key() {
+        let cert = ["gateway", "--redis-client-cert", "c.pem"];
+        assert!(Cli::try_parse_from(cert).is_err());
+        let both = Cli::try_parse_from([
+            "gateway",
+            "--redis-client-cert",
+            "c.pem",
+            "--redis-client-key",
+            "k.pem",
+            "--redis-ca-file",
+            "ca.pem",
+        ])
+        .unwrap();
+        assert_eq!(both.serve.redis_client_key, Some(PathBuf::from("k.pem")));
     }
 
     #[test]

@@ -29,7 +29,6 @@ pub mod shutdown;
 pub mod wire;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -37,15 +36,9 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::auth::Verifier;
-use crate::broker::embedded::{EmbeddedBroker, HistoryLimits};
-use crate::broker::redis::RedisBroker;
-use crate::broker::{Broker, Events};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::Node;
-
-/// How often the embedded broker drops expired history and sessions.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Runs a node until it is signalled and drained.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -58,33 +51,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let verifier = Verifier::from_config(&config)?;
     let metrics = Arc::new(Metrics::new());
     let background = CancellationToken::new();
-    let (broker, events, kind): (Arc<dyn Broker>, Events, &str) = match &config.redis_url {
-        Some(url) => {
-            let (redis, events) = RedisBroker::connect(
-                url.expose(),
-                node_id.clone(),
-                config.history_size,
-                config.history_ttl,
-                metrics.clone(),
-                background.clone(),
-            )
-            .await?;
-            (redis, events, "redis")
-        }
-        None => {
-            let limits = HistoryLimits {
-                size: config.history_size,
-                ttl: config.history_ttl,
-            };
-            let (embedded, events) = EmbeddedBroker::new(node_id.clone(), limits);
-            tokio::spawn(sweep(embedded.clone(), background.clone()));
-            (embedded, events, "embedded")
-        }
-    };
+    let broker::Connected {
+        broker,
+        events,
+        kind,
+    } = broker::connect(&config, &node_id, metrics.clone(), background.clone()).await?;
     let mut signals = shutdown::Signals::install()?;
     raise_open_file_limit();
-    let client = TcpListener::bind(config.listen).await?;
-    let admin = TcpListener::bind(config.admin_listen).await?;
+    let client = bind(config.listen, "--listen / BGW_LISTEN").await?;
+    let admin = bind(config.admin_listen, "--admin-listen / BGW_ADMIN_LISTEN").await?;
     let node = Arc::new(Node::new(node_id, config, broker, verifier, metrics));
     info!(
         client = %client.local_addr()?,
@@ -111,20 +86,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A listener on `addr`; an error names the address and the flag that chose it.
+async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({flag}): {e}"))
+}
+
 /// Every socket is a file descriptor: the soft limit (often 1024 in containers) goes up to the
 /// hard limit, which is what bounds a node's connections.
 fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => info!(limit, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
-    }
-}
-
-async fn sweep(broker: Arc<EmbeddedBroker>, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(SWEEP_INTERVAL) => broker.sweep(),
-        }
     }
 }

@@ -138,6 +138,13 @@ fn upgrade(
     if let Err(refusal) = check(&req, &node, peer) {
         return refusal.answer(&node, peer, headers);
     }
+    if !node.broker.available() {
+        node.metrics
+            .rejections
+            .with_label_values(&["broker_unavailable"])
+            .inc();
+        return status(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n");
+    }
     let Ok(permit) = node.capacity.clone().try_acquire_owned() else {
         return Refusal::new(
             "capacity",

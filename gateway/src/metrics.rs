@@ -25,8 +25,15 @@ pub const DROP_REASONS: &[&str] = &[
 ];
 
 /// `reason` of `bgw_handshake_rejections_total`: why a WebSocket handshake was not upgraded.
-pub const REJECTION_REASONS: &[&str] =
-    &["bad_request", "http_version", "not_found", "origin", "draining", "capacity", "timeout"];
+pub const REJECTION_REASONS: &[&str] = &[
+    "bad_request",
+    "http_version",
+    "not_found",
+    "origin",
+    "draining",
+    "capacity",
+    "timeout",
+];
 
 /// `limit` of `bgw_limit_hits_total`: the limit that refused a request.
 pub const LIMITS: &[&str] = &["rate", "subscriptions", "publish_size"];
@@ -431,7 +438,8 @@ mod tests {
             include_str!("fanout.rs"),
             include_str!("hub.rs"),
             include_str!("listener.rs"),
-            include_str!("broker/redis.rs"),
+            include_str!("broker/redis/link.rs"),
+            include_str!("broker/redis/mod.rs"),
             include_str!("broker/embedded.rs"),
         ];
         let known: Vec<&str> = [DROP_REASONS, REJECTION_REASONS, LIMITS].concat();

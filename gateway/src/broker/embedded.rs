@@ -9,9 +9,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::{
-    Broker, BrokerError, Delivery, Event, Events, History, Owner, Published, SessionRecord,
+    Broker, BrokerError, Delivery, Event, Events, History, HistoryLimits, Owner, Published,
+    SessionRecord, CHANNEL_TTL,
 };
 use crate::ids;
 
@@ -19,12 +21,8 @@ use crate::ids;
 /// the hub fans out one message to many subscribers.
 const EVENT_QUEUE: usize = 4096;
 
-/// How much history a channel keeps.
-#[derive(Debug, Clone, Copy)]
-pub struct HistoryLimits {
-    pub size: usize,
-    pub ttl: Duration,
-}
+/// How often expired history, sessions and idle channels are dropped.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct EmbeddedBroker {
     node: String,
@@ -46,14 +44,18 @@ struct ChannelLog {
     top: u64,
     /// `(seq, data, published at)`, oldest first.
     history: VecDeque<(u64, Bytes, Instant)>,
+    /// The last publish or history read: a channel idle for [`CHANNEL_TTL`] is forgotten, as
+    /// Redis expires its keys (a later publish starts a new epoch).
+    used: Instant,
 }
 
 impl ChannelLog {
-    fn new() -> Self {
+    fn new(now: Instant) -> Self {
         Self {
             epoch: ids::epoch().into(),
             top: 0,
             history: VecDeque::new(),
+            used: now,
         }
     }
 
@@ -83,15 +85,45 @@ impl EmbeddedBroker {
         (broker, rx)
     }
 
-    /// Drops expired history and sessions, so that an idle gateway gives its memory back.
-    pub fn sweep(&self) {
-        let now = Instant::now();
+    /// The broker with its sweep running until `stop`.
+    pub fn start(
+        node: String,
+        history_limits: HistoryLimits,
+        stop: CancellationToken,
+    ) -> (Arc<Self>, Events) {
+        let (broker, events) = Self::new(node, history_limits);
+        let sweeper = broker.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(SWEEP_INTERVAL) => sweeper.sweep(Instant::now()),
+                }
+            }
+        });
+        (broker, events)
+    }
+
+    /// Drops expired history and sessions, and channels idle for [`CHANNEL_TTL`], so that an
+    /// idle gateway gives its memory back. A channel the node is subscribed to is kept.
+    pub fn sweep(&self, now: Instant) {
         let mut state = self.state.lock();
         let limits = self.history_limits;
-        for log in state.channels.values_mut() {
+        let State {
+            channels,
+            subscribed,
+            sessions,
+        } = &mut *state;
+        channels.retain(|name, log| {
             log.trim(limits, now);
-        }
-        state.sessions.retain(|_, (_, expires)| *expires > now);
+            subscribed.contains(name) || now.duration_since(log.used) < CHANNEL_TTL
+        });
+        sessions.retain(|_, (_, expires)| *expires > now);
+    }
+
+    /// How many channels the broker keeps a record of.
+    pub fn channel_count(&self) -> usize {
+        self.state.lock().channels.len()
     }
 
     fn live_session(state: &mut State, id: &str, now: Instant) -> Option<SessionRecord> {
@@ -115,7 +147,7 @@ impl Broker for EmbeddedBroker {
             .events
             .reserve()
             .await
-            .map_err(|_| BrokerError::Unavailable("node stopped".into()))?;
+            .map_err(|_| BrokerError::Internal("node stopped".into()))?;
         let now = Instant::now();
         let mut state = self.state.lock();
         let State {
@@ -127,8 +159,9 @@ impl Broker for EmbeddedBroker {
             Some(log) => log,
             None => channels
                 .entry(Arc::from(channel))
-                .or_insert_with(ChannelLog::new),
+                .or_insert_with(|| ChannelLog::new(now)),
         };
+        log.used = now;
         log.top += 1;
         log.history.push_back((log.top, data.clone(), now));
         log.trim(self.history_limits, now);
@@ -153,7 +186,8 @@ impl Broker for EmbeddedBroker {
         let log = state
             .channels
             .entry(Arc::from(channel))
-            .or_insert_with(ChannelLog::new);
+            .or_insert_with(|| ChannelLog::new(now));
+        log.used = now;
         log.trim(self.history_limits, now);
         let messages: Vec<(u64, Bytes)> = log
             .history
@@ -237,12 +271,59 @@ impl Broker for EmbeddedBroker {
             self.events
                 .send(event)
                 .await
-                .map_err(|_| BrokerError::Unavailable("node stopped".into()))?;
+                .map_err(|_| BrokerError::Internal("node stopped".into()))?;
         }
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
         Ok(())
+    }
+
+    fn available(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_channels_are_forgotten_after_the_channel_ttl() {
+        let limits = HistoryLimits {
+            size: 10,
+            ttl: Duration::from_secs(60),
+        };
+        let (broker, _events) = EmbeddedBroker::new("n".into(), limits);
+        let old = broker
+            .publish("old", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        broker.history("read", 0).await.unwrap();
+        broker.subscribe("watched").await.unwrap();
+        broker
+            .publish("watched", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        assert_eq!(broker.channel_count(), 3);
+
+        let now = Instant::now();
+        broker.sweep(now + CHANNEL_TTL - Duration::from_secs(1));
+        assert_eq!(broker.channel_count(), 3, "not idle for long enough yet");
+        broker.sweep(now + CHANNEL_TTL + Duration::from_secs(1));
+        assert_eq!(
+            broker.channel_count(),
+            1,
+            "only the subscribed channel stays"
+        );
+
+        // As on Redis: the sequence of a forgotten channel starts again, in a new epoch.
+        let again = broker
+            .publish("old", Bytes::from_static(b"2"))
+            .await
+            .unwrap();
+        assert_eq!(again.seq, 1);
+        assert_ne!(again.epoch, old.epoch);
     }
 }

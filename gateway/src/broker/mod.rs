@@ -1,7 +1,12 @@
 //! The broker: where channel sequences, history and sessions live, and how a published message
 //! reaches every node. The rest of the gateway does not know which implementation it runs on.
+//!
+//! [`connect`] builds the one the configuration names; each broker owns its background work
+//! (the embedded broker's sweep, the Redis link and its reconnects) and stops it with the token
+//! it is given.
 
 pub mod embedded;
+pub mod reconnect;
 pub mod redis;
 
 use std::collections::BTreeMap;
@@ -13,6 +18,83 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shared::Position;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// How long a channel's seq and epoch outlive its last publish or read, in either broker. Much
+/// longer than any history or session, so that a client's position stays comparable while it
+/// can resume; idle channels are forgotten after it, so that their records do not pile up.
+pub const CHANNEL_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How much history a channel keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    pub size: usize,
+    pub ttl: Duration,
+}
+
+/// A running broker, as [`connect`] hands it to the node.
+pub struct Connected {
+    pub broker: Arc<dyn Broker>,
+    /// What the broker tells the node, in order.
+    pub events: Events,
+    /// `"redis"` or `"embedded"`, for the logs.
+    pub kind: &'static str,
+}
+
+/// The broker the configuration names: Redis with `--redis-url`, else the embedded one. A Redis
+/// that does not answer is no error here: the node starts, unready, and the broker keeps trying
+/// in the background (see [`reconnect`]); this returns after the first attempt, so that a node
+/// whose Redis is up is ready as soon as it listens. Errors are those of the configuration (a
+/// malformed URL, an unreadable certificate file), each naming its flag.
+pub async fn connect(
+    config: &Config,
+    node: &str,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> Result<Connected, SetupError> {
+    let history = HistoryLimits {
+        size: config.history_size,
+        ttl: config.history_ttl,
+    };
+    match &config.redis_url {
+        Some(url) => {
+            let settings = redis::Settings::from_config(url.expose(), config, history)?;
+            let (broker, events) =
+                redis::RedisBroker::start(settings, node.to_owned(), metrics, stop).await?;
+            Ok(Connected {
+                broker,
+                events,
+                kind: "redis",
+            })
+        }
+        None => {
+            let (broker, events) = embedded::EmbeddedBroker::start(node.to_owned(), history, stop);
+            Ok(Connected {
+                broker,
+                events,
+                kind: "embedded",
+            })
+        }
+    }
+}
+
+/// A configuration the broker cannot start with. Never carries a secret: URLs are redacted.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("--redis-url / BGW_REDIS_URL: {0}")]
+    Url(String),
+    #[error("cannot read {flag} {path}: {source}")]
+    File {
+        flag: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{flag}: {message}")]
+    Tls { flag: &'static str, message: String },
+}
 
 /// A published message as the broker hands it to a node: `data` is the raw JSON of the payload.
 #[derive(Debug, Clone)]
@@ -75,11 +157,33 @@ pub struct Owner {
     pub conn: u64,
 }
 
-/// Why a broker call failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a broker call failed, by cause: whose fault it is decides what the caller does (retry
+/// later, or report a bug) and what the logs say. None is the client's fault: requests are
+/// checked before they reach the broker.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
+    /// The broker cannot be reached, or refuses work for a while (down, failing over, loading,
+    /// a replica that is read-only): worth retrying; clients get 503.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The broker answered what this gateway does not understand (a malformed reply, a script
+    /// error): a bug or a foreign writer of the gateway's keys, not an outage.
+    #[error("broker protocol error: {0}")]
+    Protocol(String),
+    /// The node itself failed: it is stopping, or could not encode a request.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl BrokerError {
+    /// A short name of the cause, for logs and metrics labels.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            BrokerError::Unavailable(_) => "unavailable",
+            BrokerError::Protocol(_) => "protocol",
+            BrokerError::Internal(_) => "internal",
+        }
+    }
 }
 
 #[async_trait]
@@ -121,4 +225,8 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker answers now.
     async fn ping(&self) -> Result<(), BrokerError>;
+
+    /// Whether the node's link to the broker is up, as last seen: cheap, without I/O, for the
+    /// checks of every handshake. `false` until the first connection, and during an outage.
+    fn available(&self) -> bool;
 }

@@ -1,0 +1,95 @@
+//! The key schema in Redis, and the payloads of its pub/sub topics.
+//!
+//! Every key of a channel carries the hash tag `{channel}`, so that a cluster keeps them, and
+//! the channel's topic, on one shard:
+//! - `bgw:{ch}:seq`: the channel's last seq; `bgw:{ch}:epoch`: the name of its sequence. Both
+//!   live for [`CHANNEL_TTL`](crate::broker::CHANNEL_TTL) after the last publish or read.
+//! - `bgw:{ch}:hist`: a stream of the retained messages, entry id `<seq>-0`, fields `d` (data)
+//!   and `t` (publish time, ms); capped by `--history-size`, expires `--history-ttl` after the
+//!   last publish, and entries older than that are not replayed.
+//! - `bgw:{ch}:line` (behind Sentinel only): the replication id of the master that numbered
+//!   the channel's last message; see `scripts.rs`.
+//! - `bgw:{ch}:msg`: the pub/sub topic, payload `<seq>:<epoch>:<data>`.
+//! - `bgw:session:{id}`: a hash with `record` (JSON) and `owner` (JSON), expiring after the
+//!   session TTL.
+//! - `bgw:node:{node}`: a node's control topic, for session takeovers.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::broker::{Delivery, Event};
+
+/// The keys of a channel, in the order the scripts take them.
+pub fn channel_keys(channel: &str) -> [String; 4] {
+    [
+        format!("bgw:{{{channel}}}:seq"),
+        format!("bgw:{{{channel}}}:epoch"),
+        format!("bgw:{{{channel}}}:hist"),
+        format!("bgw:{{{channel}}}:line"),
+    ]
+}
+
+pub fn channel_topic(channel: &str) -> String {
+    format!("bgw:{{{channel}}}:msg")
+}
+
+pub fn control_topic(node: &str) -> String {
+    format!("bgw:node:{{{node}}}")
+}
+
+pub fn session_key(id: &str) -> String {
+    format!("bgw:session:{{{id}}}")
+}
+
+/// What a node's control topic carries: one of its connections lost its session to another.
+#[derive(Serialize, Deserialize)]
+pub struct TakeoverNotice {
+    pub session: String,
+    pub conn: u64,
+}
+
+/// The event a pub/sub message stands for; `None` for a malformed one.
+pub fn parse_push(topic: &[u8], payload: &[u8]) -> Option<Event> {
+    let topic = std::str::from_utf8(topic).ok()?;
+    if topic.starts_with("bgw:node:") {
+        let notice: TakeoverNotice = serde_json::from_slice(payload).ok()?;
+        return Some(Event::TakenOver {
+            session: notice.session,
+            conn: notice.conn,
+        });
+    }
+    let channel = topic.strip_prefix("bgw:{")?.strip_suffix("}:msg")?;
+    let mut parts = payload.splitn(3, |b| *b == b':');
+    let seq = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let epoch = std::str::from_utf8(parts.next()?).ok()?;
+    let data = parts.next()?;
+    Some(Event::Message(Delivery {
+        channel: channel.into(),
+        seq,
+        epoch: epoch.into(),
+        data: Bytes::copy_from_slice(data),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushes_parse() {
+        let Some(Event::Message(d)) = parse_push(b"bgw:{news}:msg", b"42:ab12:{\"x\":\"a:b\"}")
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (&*d.channel, d.seq, &*d.epoch, &d.data[..]),
+            ("news", 42, "ab12", &b"{\"x\":\"a:b\"}"[..])
+        );
+        assert!(matches!(
+            parse_push(b"bgw:node:{n1}", br#"{"session":"s","conn":3}"#),
+            Some(Event::TakenOver { conn: 3, .. })
+        ));
+        assert!(parse_push(b"bgw:{news}:msg", b"x:ab:1").is_none());
+        assert!(parse_push(b"other", b"1:a:1").is_none());
+    }
+}

@@ -1,0 +1,464 @@
+//! The Redis broker: channel sequences, history and sessions in Redis, and one pub/sub
+//! subscription per channel per node. One Redis, a Redis Cluster (sharded pub/sub), or the
+//! master that Redis Sentinels name; over TLS with `rediss`.
+//!
+//! - [`target`]: the URL forms, TLS, and where writes go now;
+//! - [`link`]: the pub/sub connection, reconnected in the background, whose health is the
+//!   broker's availability; [`sentinel`]: which node is the master;
+//! - [`pool`]: connections for commands; [`scripts`]: the Lua that numbers and stores messages;
+//! - [`keys`]: the key schema, and the payloads of the topics.
+
+mod keys;
+mod link;
+mod pool;
+mod scripts;
+mod sentinel;
+mod target;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use self::keys::{channel_keys, channel_topic, control_topic, session_key, TakeoverNotice};
+use self::link::{Link, LinkState};
+use self::scripts::Scripts;
+use self::target::{Target, TlsFiles};
+use super::{
+    Broker, BrokerError, Events, History, HistoryLimits, Owner, Published, SessionRecord,
+    SetupError, CHANNEL_TTL,
+};
+use crate::config::Config;
+use crate::ids;
+use crate::metrics::Metrics;
+
+pub use self::target::redact;
+
+/// Pushes that may wait for the hub. A full queue drops a push; the hub sees the gap at the
+/// channel's next message and repairs it from history.
+const EVENT_QUEUE: usize = 65_536;
+
+/// Sessions saved per pipeline: big enough to make a drain of 20k sessions a few round trips,
+/// small enough not to stall Redis.
+const SAVE_BATCH: usize = 1000;
+
+/// What the Redis broker needs of the configuration.
+pub struct Settings {
+    target: Target,
+    history: HistoryLimits,
+}
+
+impl Settings {
+    /// Parses the URL and reads the TLS files.
+    pub fn from_config(
+        url: &str,
+        config: &Config,
+        history: HistoryLimits,
+    ) -> Result<Self, SetupError> {
+        let read = |flag: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|source| SetupError::File {
+                flag,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let tls = TlsFiles {
+            ca: config
+                .redis_ca_file
+                .as_deref()
+                .map(|path| read("--redis-ca-file", path))
+                .transpose()?,
+            client: match (&config.redis_client_cert, &config.redis_client_key) {
+                (Some(cert), Some(key)) => Some((
+                    read("--redis-client-cert", cert)?,
+                    read("--redis-client-key", key)?,
+                )),
+                _ => None,
+            },
+        };
+        Ok(Self {
+            target: Target::parse(url, &tls)?,
+            history,
+        })
+    }
+}
+
+pub struct RedisBroker {
+    history: HistoryLimits,
+    target: Arc<Target>,
+    link: Arc<LinkState>,
+    commands: pool::Pool,
+    scripts: Scripts,
+}
+
+impl RedisBroker {
+    /// Starts the link to Redis in the background, and returns once its first attempt is over:
+    /// connected, or not (then the node starts unready, and the link keeps trying).
+    pub async fn start(
+        settings: Settings,
+        node: String,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> Result<(Arc<Self>, Events), SetupError> {
+        let (events, rx) = mpsc::channel(EVENT_QUEUE);
+        let target = Arc::new(settings.target);
+        let state = Arc::new(LinkState::default());
+        let (first_attempt, first_attempt_over) = oneshot::channel();
+        let link = Link {
+            target: target.clone(),
+            state: state.clone(),
+            node,
+            events,
+            metrics,
+        };
+        tokio::spawn(link.run(stop, first_attempt));
+        let _ = first_attempt_over.await;
+        let broker = Arc::new(Self {
+            history: settings.history,
+            target,
+            commands: pool::new(state.clone()),
+            link: state,
+            scripts: Scripts::new(),
+        });
+        Ok((broker, rx))
+    }
+
+    /// Runs one request on a pooled connection.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        request: Request<'_>,
+    ) -> Result<T, BrokerError> {
+        self.ensure_up()?;
+        let mut pooled = self.commands.get().await.map_err(pool_error)?;
+        let result = request.run(&mut pooled.conn).await;
+        result.map_err(|e| {
+            let e = classify(e);
+            pooled.broken = matches!(e, BrokerError::Unavailable(_));
+            e
+        })
+    }
+
+    /// Fails at once while the link is down, rather than after a connection timeout.
+    fn ensure_up(&self) -> Result<(), BrokerError> {
+        if self.link.is_up() {
+            Ok(())
+        } else {
+            Err(self.down())
+        }
+    }
+
+    fn down(&self) -> BrokerError {
+        BrokerError::Unavailable(format!("no link to Redis at {}", self.target.redacted))
+    }
+
+    /// `PUBLISH`, or `SPUBLISH` on a cluster, where topics are sharded.
+    fn publish_command(&self) -> &'static str {
+        if self.target.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// The arguments every channel script starts with: a fresh epoch, the channel TTL, and
+    /// whether to follow the master's lineage (behind Sentinel; see `scripts.rs`).
+    fn channel_invocation<'a>(
+        &self,
+        script: &'a redis::Script,
+        channel: &str,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        for key in channel_keys(channel) {
+            invocation.key(key);
+        }
+        invocation
+            .arg(ids::epoch())
+            .arg(CHANNEL_TTL.as_secs())
+            .arg(if self.target.is_sentinel() { "1" } else { "0" });
+        invocation
+    }
+}
+
+/// One command or script call.
+enum Request<'a> {
+    Script(redis::ScriptInvocation<'a>),
+    Cmd(redis::Cmd),
+}
+
+impl Request<'_> {
+    async fn run<T: redis::FromRedisValue, C: redis::aio::ConnectionLike + Send>(
+        self,
+        conn: &mut C,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Request::Script(invocation) => invocation.invoke_async(conn).await,
+            Request::Cmd(cmd) => cmd.query_async(conn).await,
+        }
+    }
+}
+
+/// The cause of a Redis error: an outage (down, failing over, loading, read-only), or an answer
+/// the gateway does not understand.
+fn classify(e: RedisError) -> BrokerError {
+    let outage = e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+            ) | ErrorKind::AuthenticationFailed
+                | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::MasterNameNotFoundBySentinel
+        )
+        // Out of memory, or a password that is not (yet) right: Redis refuses work for a while.
+        || matches!(e.code(), Some("OOM" | "NOAUTH" | "WRONGPASS" | "NOPERM"));
+    if outage {
+        BrokerError::Unavailable(e.to_string())
+    } else {
+        BrokerError::Protocol(e.to_string())
+    }
+}
+
+fn pool_error(e: deadpool::managed::PoolError<RedisError>) -> BrokerError {
+    use deadpool::managed::PoolError;
+    match e {
+        PoolError::Backend(e) => classify(e),
+        PoolError::Timeout(_) => {
+            BrokerError::Unavailable("no Redis connection free in time".into())
+        }
+        e => BrokerError::Internal(e.to_string()),
+    }
+}
+
+fn protocol(what: &str) -> BrokerError {
+    BrokerError::Protocol(what.to_owned())
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().max(1) as u64
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
+        let mut invocation = self.channel_invocation(&self.scripts.publish, channel);
+        invocation
+            .arg(&data[..])
+            .arg(self.history.size)
+            .arg(millis(self.history.ttl))
+            .arg(channel_topic(channel))
+            .arg(self.publish_command());
+        let (seq, epoch): (u64, String) = self.query(Request::Script(invocation)).await?;
+        Ok(Published {
+            seq,
+            epoch: epoch.into(),
+        })
+    }
+
+    async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {
+        let mut invocation = self.channel_invocation(&self.scripts.history, channel);
+        invocation
+            .arg(if after == u64::MAX {
+                "none".to_owned()
+            } else {
+                after.to_string()
+            })
+            .arg(millis(self.history.ttl));
+        let reply: Vec<Value> = self.query(Request::Script(invocation)).await?;
+        let malformed = || protocol("malformed history reply");
+        let mut values = reply.into_iter();
+        let epoch: String = values
+            .next()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .ok_or_else(malformed)?;
+        let top: u64 = values
+            .next()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .ok_or_else(malformed)?;
+        let mut messages = Vec::new();
+        while let (Some(seq), Some(data)) = (values.next(), values.next()) {
+            let seq: u64 = redis::from_redis_value(seq).map_err(|_| malformed())?;
+            let data: Vec<u8> = redis::from_redis_value(data).map_err(|_| malformed())?;
+            messages.push((seq, Bytes::from(data)));
+        }
+        let complete = after == u64::MAX || after == top || is_every_seq(&messages, after, top);
+        Ok(History {
+            epoch: epoch.into(),
+            top,
+            messages,
+            complete,
+        })
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        let current = self.link.current().ok_or_else(|| self.down())?;
+        current
+            .pubsub
+            .subscribe(&channel_topic(channel))
+            .await
+            .map_err(classify)
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        // Without a link there is no subscription to drop.
+        let Some(current) = self.link.current() else {
+            return Ok(());
+        };
+        current
+            .pubsub
+            .unsubscribe(&channel_topic(channel))
+            .await
+            .map_err(classify)
+    }
+
+    async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, BrokerError> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(session_key(id)).arg("record").arg("owner");
+        let (record, owner): (Option<String>, Option<String>) =
+            self.query(Request::Cmd(cmd)).await?;
+        Ok(decode_session(record, owner))
+    }
+
+    async fn claim_session(
+        &self,
+        id: &str,
+        owner: &Owner,
+        ttl: Duration,
+    ) -> Result<Option<SessionRecord>, BrokerError> {
+        let mut invocation = self.scripts.claim.prepare_invoke();
+        invocation
+            .key(session_key(id))
+            .arg(to_json(owner)?)
+            .arg(millis(ttl));
+        let found: Option<(Option<String>, Option<String>)> =
+            self.query(Request::Script(invocation)).await?;
+        Ok(found.and_then(|(record, owner)| decode_session(record, owner)))
+    }
+
+    async fn save_sessions(
+        &self,
+        records: &[SessionRecord],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let save = |record: &SessionRecord| -> Result<redis::Cmd, BrokerError> {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(scripts::SAVE)
+                .arg(1)
+                .arg(session_key(&record.id))
+                .arg(to_json(record)?)
+                .arg(to_json(&record.owner)?)
+                .arg(millis(ttl));
+            Ok(cmd)
+        };
+        if self.target.is_cluster() {
+            // Sessions spread over the shards: concurrent calls, each routed to its shard.
+            for chunk in records.chunks(pool::POOL_SIZE / 2) {
+                let calls = chunk
+                    .iter()
+                    .map(|record| async { self.query::<i64>(Request::Cmd(save(record)?)).await });
+                for result in futures_util::future::join_all(calls).await {
+                    result?;
+                }
+            }
+            return Ok(());
+        }
+        // A few round trips for the whole batch: pipelines on one connection.
+        self.ensure_up()?;
+        let mut pooled = self.commands.get().await.map_err(pool_error)?;
+        for chunk in records.chunks(SAVE_BATCH) {
+            let mut pipe = redis::pipe();
+            for record in chunk {
+                pipe.add_command(save(record)?).ignore();
+            }
+            if let Err(e) = pipe.query_async::<()>(&mut pooled.conn).await {
+                let e = classify(e);
+                pooled.broken = matches!(e, BrokerError::Unavailable(_));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError> {
+        let notice = to_json(&TakeoverNotice {
+            session: session.to_owned(),
+            conn: previous.conn,
+        })?;
+        let mut cmd = redis::cmd(self.publish_command());
+        cmd.arg(control_topic(&previous.node)).arg(notice);
+        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        self.query::<String>(Request::Cmd(redis::cmd("PING")))
+            .await
+            .map(|_| ())
+    }
+
+    fn available(&self) -> bool {
+        self.link.is_up()
+    }
+}
+
+/// Whether `messages` are every seq after `after` up to `top`, none missing.
+fn is_every_seq(messages: &[(u64, Bytes)], after: u64, top: u64) -> bool {
+    after < top
+        && messages
+            .iter()
+            .zip(after + 1..)
+            .all(|((seq, _), expected)| *seq == expected)
+        && messages.last().is_some_and(|(seq, _)| *seq == top)
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String, BrokerError> {
+    serde_json::to_string(value).map_err(|e| BrokerError::Internal(e.to_string()))
+}
+
+fn decode_session(record: Option<String>, owner: Option<String>) -> Option<SessionRecord> {
+    let mut record: SessionRecord = serde_json::from_str(&record?).ok()?;
+    if let Some(owner) = owner.and_then(|o| serde_json::from_str(&o).ok()) {
+        record.owner = owner;
+    }
+    Some(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(seqs: &[u64]) -> Vec<(u64, Bytes)> {
+        seqs.iter().map(|seq| (*seq, Bytes::new())).collect()
+    }
+
+    #[test]
+    fn history_is_complete_only_without_holes() {
+        assert!(is_every_seq(&messages(&[4, 5, 6]), 3, 6));
+        assert!(!is_every_seq(&messages(&[5, 6]), 3, 6), "4 is missing");
+        assert!(!is_every_seq(&messages(&[4, 6]), 3, 6), "5 is missing");
+        assert!(!is_every_seq(&messages(&[4, 5]), 3, 6), "6 is missing");
+        assert!(!is_every_seq(&messages(&[]), 3, 6));
+        assert!(!is_every_seq(&messages(&[]), 7, 6), "ahead of the channel");
+    }
+
+    #[test]
+    fn errors_are_classified_by_cause() {
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(classify(io), BrokerError::Unavailable(_)));
+        let parse = RedisError::from((ErrorKind::UnexpectedReturnType, "not a number"));
+        assert!(matches!(classify(parse), BrokerError::Protocol(_)));
+        let auth = RedisError::from((ErrorKind::AuthenticationFailed, "WRONGPASS"));
+        assert!(matches!(classify(auth), BrokerError::Unavailable(_)));
+    }
+}

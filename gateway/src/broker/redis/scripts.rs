@@ -1,0 +1,102 @@
+//! The Lua scripts of the Redis broker. Each runs atomically on the shard of its keys, which is
+//! what makes the order of seqs the order of delivery.
+//!
+//! The publish and history scripts share a prelude that finds (or starts) the channel's epoch.
+//! Behind Sentinel it also compares the master's replication id with the one that numbered the
+//! channel's last message: after a failover the new master may lack writes that the old one
+//! acknowledged (Redis replicates asynchronously), and numbering again from its own last seq
+//! would give a second message the seq of a lost one, which subscribers would drop as a repeat.
+//! A new epoch instead tells every client that continuity was lost (`recovered: false`).
+
+use redis::Script;
+
+/// KEYS: seq, epoch, hist, line. ARGV[1]: a fresh epoch, ARGV[2]: channel TTL (s), ARGV[3]:
+/// `1` to follow the master's lineage (Sentinel), else `0`. Leaves `epoch` set.
+const PRELUDE: &str = r"
+local epoch = redis.call('GET', KEYS[2])
+local line = nil
+if ARGV[3] == '1' then
+  line = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+  local seen = redis.call('GET', KEYS[4])
+  if epoch and seen and seen ~= line then epoch = false end
+end
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch)
+  redis.call('SET', KEYS[1], 0)
+  redis.call('DEL', KEYS[3])
+end
+if line then redis.call('SET', KEYS[4], line, 'EX', ARGV[2]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+";
+
+/// ARGV[4]: data, ARGV[5]: history size, ARGV[6]: history TTL (ms), ARGV[7]: topic,
+/// ARGV[8]: `PUBLISH` or `SPUBLISH`. Returns {seq, epoch}.
+const PUBLISH: &str = r"
+local seq = redis.call('INCR', KEYS[1])
+if seq == 1 then redis.call('DEL', KEYS[3]) end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[5], seq .. '-0', 'd', ARGV[4], 't', ms)
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
+redis.call(ARGV[8], ARGV[7], seq .. ':' .. epoch .. ':' .. ARGV[4])
+return {seq, epoch}
+";
+
+/// ARGV[4]: after (or `none`), ARGV[5]: history TTL (ms). Returns {epoch, top, seq, data, seq,
+/// data, ...}.
+const HISTORY: &str = r"
+local top = tonumber(redis.call('GET', KEYS[1]) or '0')
+local out = {epoch, top}
+if ARGV[4] == 'none' or tonumber(ARGV[4]) >= top then return out end
+local now = redis.call('TIME')
+local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[5])
+for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '(' .. ARGV[4] .. '-0', '+')) do
+  local seq = tonumber(string.match(entry[1], '^(%d+)'))
+  local fields = entry[2]
+  local data, at = nil, 0
+  for i = 1, #fields, 2 do
+    if fields[i] == 'd' then data = fields[i + 1] elseif fields[i] == 't' then at = tonumber(fields[i + 1]) end
+  end
+  if data and at >= oldest then
+    table.insert(out, seq)
+    table.insert(out, data)
+  end
+end
+return out
+";
+
+/// KEYS: session. ARGV: new owner, TTL (ms). Returns {record, previous owner}, or nil.
+const CLAIM: &str = r"
+local found = redis.call('HMGET', KEYS[1], 'record', 'owner')
+if not found[1] then return false end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return found
+";
+
+/// KEYS: session. ARGV: record, owner, TTL (ms). Saves unless another owner holds the session.
+pub const SAVE: &str = r"
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner and owner ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'owner', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+pub struct Scripts {
+    pub publish: Script,
+    pub history: Script,
+    pub claim: Script,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        Self {
+            publish: Script::new(&format!("{PRELUDE}{PUBLISH}")),
+            history: Script::new(&format!("{PRELUDE}{HISTORY}")),
+            claim: Script::new(CLAIM),
+        }
+    }
+}
