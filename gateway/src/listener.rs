@@ -139,11 +139,12 @@ fn upgrade(
         return refusal.answer(&node, peer, headers);
     }
     if !node.broker.available() {
-        node.metrics
-            .rejections
-            .with_label_values(&["broker_unavailable"])
-            .inc();
-        return status(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n");
+        return Refusal::new(
+            "broker_unavailable",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the node's broker is unavailable",
+        )
+        .answer(&node, peer, headers);
     }
     let Ok(permit) = node.capacity.clone().try_acquire_owned() else {
         return Refusal::new(

@@ -32,6 +32,7 @@ pub const REJECTION_REASONS: &[&str] = &[
     "origin",
     "draining",
     "capacity",
+    "broker_unavailable",
     "timeout",
 ];
 
