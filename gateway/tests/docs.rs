@@ -284,7 +284,7 @@ fn the_readme_runs_the_release_binary_and_names_the_rust_version() {
     // No dependency needs a newer Rust than the workspace says.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+        .args(["metadata", "--format-version", "1", "--locked"])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()
         .expect("cargo metadata");
