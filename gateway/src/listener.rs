@@ -167,8 +167,12 @@ fn upgrade(
         // The socket itself, out of hyper's wrappers: the fan-out writes to it directly.
         match upgrading.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
             Ok(Ok(parts)) => {
+                // Copied out: the bytes are a view of hyper's 8 KiB read buffer, which would
+                // live as long as the connection.
+                let read_ahead = parts.read_buf.to_vec();
+                drop(parts.read_buf);
                 let stream = parts.io.into_inner();
-                connection::serve(stream, parts.read_buf, node, client, token, permit).await;
+                connection::serve(stream, read_ahead, node, client, token, permit).await;
             }
             Ok(Err(_)) => warn!("an upgraded connection that is not a TCP socket"),
             Err(e) => debug!(error = %e, "upgrade failed"),

@@ -14,7 +14,6 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use governor::clock::MonotonicClock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -51,7 +50,7 @@ type Reply = Result<(), Close>;
 /// after its upgrade request and the HTTP server had already read.
 pub async fn serve(
     stream: TcpStream,
-    read_ahead: Bytes,
+    read_ahead: Vec<u8>,
     node: Arc<Node>,
     client: IpAddr,
     http_token: Option<String>,
@@ -66,7 +65,7 @@ pub async fn serve(
     let transport = Arc::new(Transport::new(stream, node.config.max_queue_bytes, gauges));
     let ws = WebSocket::from_partially_read(
         Io(transport.clone()),
-        read_ahead.to_vec(),
+        read_ahead,
         Role::Server,
         Some(ws_config(&node.config)),
     );
