@@ -16,10 +16,12 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 use shared::CloseCode;
 use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
 
 use crate::connection::Transport;
 use crate::metrics::Metrics;
 use crate::session::Cursor;
+use crate::shutdown::Tasks;
 
 /// Commands a shard takes at once.
 const BATCH: usize = 256;
@@ -111,13 +113,14 @@ struct Pending {
 }
 
 impl Fanout {
-    /// Starts `shards` shard tasks; they end when the fan-out is dropped.
-    pub fn start(shards: usize, metrics: Arc<Metrics>) -> Self {
+    /// Starts `shards` shard tasks; they end when the node's tasks stop.
+    pub fn start(shards: usize, metrics: Arc<Metrics>, tasks: &Tasks) -> Self {
         let shards = (0..shards.max(1))
             .map(|_| {
                 let (inbox, commands) = mpsc::unbounded_channel();
                 let pending = Arc::new(Pending::default());
-                tokio::spawn(run(commands, pending.clone(), metrics.clone()));
+                let shard = run(commands, pending.clone(), metrics.clone(), tasks.stop());
+                tasks.spawn("fan-out shard", shard);
                 Shard { inbox, pending }
             })
             .collect();
@@ -156,11 +159,12 @@ impl Fanout {
     }
 }
 
-/// A shard's task: takes its inbox in batches until the fan-out is dropped.
+/// A shard's task: takes its inbox in batches until the node's tasks stop.
 async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     pending: Arc<Pending>,
     metrics: Arc<Metrics>,
+    stop: CancellationToken,
 ) {
     let mut shard = ShardState {
         channels: HashMap::new(),
@@ -169,7 +173,14 @@ async fn run(
         frames: Vec::new(),
     };
     let mut batch = Vec::with_capacity(BATCH);
-    while commands.recv_many(&mut batch, BATCH).await > 0 {
+    loop {
+        let received = tokio::select! {
+            received = commands.recv_many(&mut batch, BATCH) => received,
+            () = stop.cancelled() => 0,
+        };
+        if received == 0 {
+            return;
+        }
         let mut messages = 0;
         for command in batch.drain(..) {
             match command {

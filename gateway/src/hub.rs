@@ -20,10 +20,13 @@ use crate::connection::Transport;
 use crate::fanout::{Command, Fanout, Message, Subscriber};
 use crate::metrics::{InProgress, Metrics};
 use crate::session::{Cursor, Sessions};
+use crate::shutdown::Tasks;
 use crate::wire;
 
 pub struct Hub {
     broker: Arc<dyn Broker>,
+    /// Where repairs and resyncs run, tracked with the node's other tasks.
+    tasks: Arc<Tasks>,
     metrics: Arc<Metrics>,
     fanout: Fanout,
     channels: Mutex<HashMap<Arc<str>, Channel>>,
@@ -79,10 +82,11 @@ impl Prepared {
 }
 
 impl Hub {
-    pub fn new(broker: Arc<dyn Broker>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(broker: Arc<dyn Broker>, metrics: Arc<Metrics>, tasks: Arc<Tasks>) -> Self {
         let shards = std::thread::available_parallelism().map_or(1, usize::from);
         Self {
-            fanout: Fanout::start(shards, metrics.clone()),
+            fanout: Fanout::start(shards, metrics.clone(), &tasks),
+            tasks,
             broker,
             metrics,
             channels: Mutex::new(HashMap::new()),
@@ -93,7 +97,13 @@ impl Hub {
     /// Takes the broker's events until it stops: messages to the fan-out, takeovers to the
     /// sessions, and after an outage a resync of every channel.
     pub async fn run(self: Arc<Self>, mut events: Events, sessions: Arc<Sessions>) {
-        while let Some(event) = events.recv().await {
+        let stop = self.tasks.stop();
+        loop {
+            let event = tokio::select! {
+                event = events.recv() => event,
+                () = stop.cancelled() => None,
+            };
+            let Some(event) = event else { return };
             self.metrics.broker_events_queued.set(events.len() as i64);
             match event {
                 Event::Message(delivery) => {
@@ -104,7 +114,8 @@ impl Hub {
                 Event::TakenOver { session, conn } => sessions.taken_over(&session, conn),
                 Event::Resync => {
                     let hub = self.clone();
-                    tokio::spawn(async move { hub.resync().await });
+                    self.tasks
+                        .spawn("hub resync", async move { hub.resync().await });
                 }
             }
         }
@@ -291,7 +302,8 @@ impl Hub {
                 channel.repairing = Some(vec![delivery]);
                 let hub = self.clone();
                 let name = channel.name.clone();
-                tokio::spawn(async move { hub.repair(name, after).await });
+                self.tasks
+                    .spawn("hub repair", async move { hub.repair(name, after).await });
             }
         }
     }

@@ -31,7 +31,6 @@ pub mod wire;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
@@ -39,6 +38,7 @@ use crate::auth::Verifier;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::Node;
+use crate::shutdown::Tasks;
 
 /// Runs a node until it is signalled and drained.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -50,7 +50,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("node-{}", ids::random_hex(4)));
     let verifier = Verifier::from_config(&config)?;
     let metrics = Arc::new(Metrics::new());
-    let background = CancellationToken::new();
+    let tasks = Arc::new(Tasks::default());
+    let background = tasks.stop();
     let broker::Connected {
         broker,
         events,
@@ -60,7 +61,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     raise_open_file_limit();
     let client = bind(config.listen, "--listen / BGW_LISTEN").await?;
     let admin = bind(config.admin_listen, "--admin-listen / BGW_ADMIN_LISTEN").await?;
-    let node = Arc::new(Node::new(node_id, config, broker, verifier, metrics));
+    let node = Arc::new(Node::new(
+        node_id,
+        config,
+        broker,
+        verifier,
+        metrics,
+        tasks.clone(),
+    ));
     info!(
         client = %client.local_addr()?,
         admin = %admin.local_addr()?,
@@ -70,15 +78,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
 
     let connections = TaskTracker::new();
-    tokio::spawn(node.hub.clone().run(events, node.sessions.clone()));
-    tokio::spawn(node.sessions.clone().run_saver(background.clone()));
-    tokio::spawn(admin::run(admin, node.clone(), background.clone()));
-    tokio::spawn(listener::run(
-        client,
-        node.clone(),
-        background.clone(),
-        connections.clone(),
-    ));
+    tasks.spawn(
+        "broker events",
+        node.hub.clone().run(events, node.sessions.clone()),
+    );
+    tasks.spawn(
+        "session saver",
+        node.sessions.clone().run_saver(background.clone()),
+    );
+    tasks.spawn(
+        "admin listener",
+        admin::run(admin, node.clone(), background.clone()),
+    );
+    tasks.spawn(
+        "client listener",
+        listener::run(
+            client,
+            node.clone(),
+            background.clone(),
+            connections.clone(),
+        ),
+    );
 
     signals.next().await;
     shutdown::drain(node, connections, &mut signals).await;

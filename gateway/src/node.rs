@@ -1,12 +1,11 @@
 //! The node: what every connection, listener and task of one gateway process shares.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::Verifier;
 use crate::broker::{Broker, BrokerError, Published};
@@ -14,6 +13,7 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::Sessions;
+use crate::shutdown::{Drain, Tasks};
 
 pub struct Node {
     pub id: String,
@@ -26,13 +26,10 @@ pub struct Node {
     pub verifier: Option<Verifier>,
     /// One permit per client connection: `--max-connections`.
     pub capacity: Arc<Semaphore>,
-    /// Set on SIGTERM: readiness fails and new sockets are refused.
-    pub draining: AtomicBool,
-    /// Cancelled when every connection is to close with 1001, each in its slot of the window.
-    pub closing: CancellationToken,
-    /// Connections open when the drain began, and slots of the drain window taken so far.
-    drain_total: AtomicUsize,
-    drain_slots: AtomicUsize,
+    /// The drain: readiness, and the connections to close.
+    pub drain: Drain,
+    /// The node's long-lived tasks.
+    pub tasks: Arc<Tasks>,
     connection_ids: AtomicU64,
 }
 
@@ -43,8 +40,9 @@ impl Node {
         broker: Arc<dyn Broker>,
         verifier: Option<Verifier>,
         metrics: Arc<Metrics>,
+        tasks: Arc<Tasks>,
     ) -> Self {
-        let hub = Arc::new(Hub::new(broker.clone(), metrics.clone()));
+        let hub = Arc::new(Hub::new(broker.clone(), metrics.clone(), tasks.clone()));
         let sessions = Arc::new(Sessions::new(
             broker.clone(),
             metrics.clone(),
@@ -59,10 +57,8 @@ impl Node {
             sessions,
             metrics,
             verifier,
-            draining: AtomicBool::new(false),
-            closing: CancellationToken::new(),
-            drain_total: AtomicUsize::new(0),
-            drain_slots: AtomicUsize::new(0),
+            drain: Drain::default(),
+            tasks,
             // Random high bits: a takeover notice for a connection of an earlier process with the
             // same node id (a restarted pod) cannot match a connection of this one.
             connection_ids: AtomicU64::new(u64::from(rand::random::<u32>()) << 32 | 1),
@@ -74,25 +70,7 @@ impl Node {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// Starts closing every connection with 1001, spread evenly over the drain window so that
-    /// the other nodes do not take every reconnect at once.
-    pub fn close_all(&self) {
-        let open = usize::try_from(self.metrics.connections.get()).unwrap_or(0);
-        self.drain_total.store(open.max(1), Ordering::Relaxed);
-        self.closing.cancel();
-    }
-
-    /// How long a connection waits before its 1001: the next evenly spaced slot of the window.
-    pub fn drain_delay(&self) -> Duration {
-        let total = self.drain_total.load(Ordering::Relaxed).max(1);
-        let slot = self
-            .drain_slots
-            .fetch_add(1, Ordering::Relaxed)
-            .min(total - 1);
-        self.config.drain_window.mul_f64(slot as f64 / total as f64)
+        self.drain.is_draining()
     }
 
     /// Publishes through the broker, for clients and the admin API alike.

@@ -17,8 +17,6 @@ pub(super) struct Deadlines {
     pub hello: Option<Instant>,
     /// The token's expiry.
     pub expiry: Option<Instant>,
-    /// This connection's slot of the drain window.
-    pub drain: Option<Instant>,
     /// After our close frame: how long to wait for the client's close.
     pub linger: Option<Instant>,
 }
@@ -26,7 +24,6 @@ pub(super) struct Deadlines {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Due {
     Linger,
-    Drain,
     Expired,
     Hello,
     Silent,
@@ -43,7 +40,6 @@ impl Deadlines {
             hello_at: now + config.hello_timeout,
             hello: Some(now + config.hello_timeout),
             expiry: None,
-            drain: None,
             linger: None,
         }
     }
@@ -53,7 +49,7 @@ impl Deadlines {
         if let Some(linger) = self.linger {
             return linger;
         }
-        [self.hello, self.expiry, self.drain]
+        [self.hello, self.expiry]
             .into_iter()
             .flatten()
             .fold(self.ping.min(self.silence), Instant::min)
@@ -67,8 +63,6 @@ impl Deadlines {
         } else if self.linger.is_some() {
             // Closing: nothing else is due.
             None
-        } else if passed(self.drain) {
-            Some(Due::Drain)
         } else if passed(self.expiry) {
             Some(Due::Expired)
         } else if passed(self.hello) {
@@ -119,13 +113,13 @@ mod tests {
         let config = config();
         let now = Instant::now();
         let mut deadlines = Deadlines::new(now, &config);
-        deadlines.drain = Some(now);
-        assert_eq!(deadlines.due(now), Some(Due::Drain));
+        deadlines.expiry = Some(now);
+        assert_eq!(deadlines.due(now), Some(Due::Expired));
         deadlines.linger = Some(now + Duration::from_secs(3));
         assert_eq!(
             deadlines.due(now),
             None,
-            "the drain's close is sent already"
+            "the expiry's close is sent already"
         );
         tokio::time::advance(Duration::from_secs(3)).await;
         assert_eq!(deadlines.due(Instant::now()), Some(Due::Linger));

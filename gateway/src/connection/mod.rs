@@ -83,7 +83,9 @@ pub async fn serve(
         expires_at: None,
         unreadable: false,
     };
+    node.drain.register(conn.id, &conn.transport);
     conn.run(ws).await;
+    node.drain.unregister(conn.id);
     conn.end().await;
     node.metrics.connections.dec();
 }
@@ -167,9 +169,6 @@ impl Connection {
             tokio::select! {
                 biased;
                 () = transport.attention() => {}
-                () = node.closing.cancelled(), if deadlines.drain.is_none() => {
-                    deadlines.drain = Some(Instant::now() + node.drain_delay());
-                }
                 writable = transport.stream().writable(), if backlog => {
                     if writable.is_err() || transport.write_backlog().is_err() {
                         return;
@@ -186,7 +185,6 @@ impl Connection {
                 }
                 () = &mut timer => match deadlines.due(Instant::now()) {
                     Some(Due::Linger) => return,
-                    Some(Due::Drain) => self.transport.close(CloseCode::GoingAway, "node draining"),
                     Some(Due::Expired) => self.transport.close(CloseCode::Unauthorized, "token expired"),
                     Some(Due::Hello) => self.transport.close(CloseCode::HelloTimeout, "no hello in time"),
                     Some(Due::Silent) => self.transport.close(CloseCode::GoingAway, HEARTBEAT_TIMEOUT),
