@@ -261,7 +261,7 @@ load "${small}" "${small_rate}"
 load "${large}" "${large_rate}"
 # The overload is measured against the floor of the same sockets (its frames are 2 bytes longer:
 # 4-digit seqs). Its subscribers fall seconds behind: a long grace lets them catch up, so that
-# what they did not get counts as lost.
+# only what never arrives counts as lost.
 
 start_node
 overload="${work}/overload.json"
