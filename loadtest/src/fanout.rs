@@ -1,6 +1,7 @@
 //! `fanout`: S subscribers over C channels, R publishes a second for T seconds through the admin
 //! API, each payload carrying its send time: deliveries a second, latency, and lost, repeated
-//! and out-of-order messages; with `--server-pid`, the servers' CPU time per delivery.
+//! and out-of-order messages, TCP segments per delivery; with `--server-pid`, the servers' CPU
+//! time per delivery.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use crate::admin::Admin;
 use crate::delivery;
 use crate::report::{percentiles, progress, Report};
 use crate::socket::{self, message_seq_and_time, now_micros, Targets};
+use crate::tcp_info;
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -58,6 +60,8 @@ struct Seen {
     out_of_order: u64,
     unique: u64,
     latency_us: Histogram<u64>,
+    /// TCP data segments received from the subscription on, less those of pings.
+    segments: Option<u64>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<Report> {
@@ -79,9 +83,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         let subscribed = socket::recv(&mut ws).await?;
         anyhow::ensure!(subscribed["type"] == "subscribed", "{subscribed}");
         let start = subscribed["seq"].as_u64().unwrap_or(0);
+        let segments = tcp_info::data_segments_in(ws.get_ref());
         subscribers.push(tokio::spawn(subscriber(
             ws,
-            start,
+            (start, segments),
             stopped.clone(),
             (delivered.clone(), i),
         )));
@@ -156,12 +161,14 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
 
     let mut histogram = crate::report::histogram()?;
     let (mut received, mut repeated, mut out_of_order, mut unique) = (0, 0, 0, 0);
+    let mut segments = Some(0);
     for task in subscribers {
         let seen = task.await??;
         received += seen.received;
         repeated += seen.repeated;
         out_of_order += seen.out_of_order;
         unique += seen.unique;
+        segments = segments.zip(seen.segments).map(|(sum, n)| sum + n);
         histogram.add(&seen.latency_us)?;
     }
     let lost = expected.saturating_sub(unique);
@@ -183,6 +190,12 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .add("repeated", repeated)
         .add("out_of_order", out_of_order);
     percentiles(&mut report, "latency", &histogram);
+    if let Some(segments) = segments {
+        report.add(
+            "segments_per_delivery",
+            segments as f64 / received.max(1) as f64,
+        );
+    }
     let last_seq = published[0].max(1);
     report.add(
         "frame_bytes",
@@ -223,7 +236,7 @@ fn server_cpu(pids: &[u32]) -> anyhow::Result<Vec<Duration>> {
 
 async fn subscriber(
     mut ws: socket::Ws,
-    start: u64,
+    (start, segments_before): (u64, Option<u64>),
     mut stopped: watch::Receiver<bool>,
     (counters, index): (Arc<Vec<AtomicU64>>, usize),
 ) -> anyhow::Result<Seen> {
@@ -234,8 +247,10 @@ async fn subscriber(
         out_of_order: 0,
         unique: 0,
         latency_us: crate::report::histogram()?,
+        segments: None,
     };
     let mut last = start;
+    let mut pings = 0;
     loop {
         let message = tokio::select! {
             _ = stopped.changed() => break,
@@ -243,6 +258,10 @@ async fn subscriber(
         };
         let text = match message {
             Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Ping(_))) => {
+                pings += 1;
+                continue;
+            }
             Some(Ok(_)) => continue,
             _ => break,
         };
@@ -262,6 +281,10 @@ async fn subscriber(
             last = seq;
             delivered.store(seen.unique, Ordering::Relaxed);
         }
+    }
+    if let (Some(before), Some(after)) = (segments_before, tcp_info::data_segments_in(ws.get_ref()))
+    {
+        seen.segments = Some(after.saturating_sub(before).saturating_sub(pings));
     }
     Ok(seen)
 }

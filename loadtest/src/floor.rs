@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use crate::cpu;
 use crate::delivery;
 use crate::report::Report;
+use crate::tcp_info;
 
 /// Longest the reader may take to connect every socket, and to read the rest after the last
 /// write.
@@ -130,6 +131,9 @@ pub fn run(args: Args) -> anyhow::Result<Report> {
         .add("bytes_read", read["bytes"].clone())
         .add("short_sockets", read["short_sockets"].clone())
         .add("reader_cpu_seconds", read["cpu_seconds"].clone());
+    if let Some(segments) = read["segments"].as_u64() {
+        report.add("segments_per_write", segments as f64 / writes.max(1) as f64);
+    }
     Ok(report)
 }
 
@@ -254,36 +258,41 @@ impl Drop for Reader {
 /// carried other than `expect`, and its own CPU time.
 pub fn read(args: ReaderArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
-    let (bytes, short) = runtime.block_on(async {
+    let (bytes, short, segments) = runtime.block_on(async {
         let mut readers = Vec::with_capacity(args.sockets);
         for _ in 0..args.sockets {
             let socket = tokio::net::TcpStream::connect(args.connect).await?;
             readers.push(tokio::spawn(read_to_end(socket)));
         }
-        let (mut bytes, mut short) = (0u64, 0u64);
+        let (mut bytes, mut short, mut segments) = (0u64, 0u64, Some(0u64));
         for reader in readers {
-            let read = reader.await??;
+            let (read, segments_read) = reader.await??;
             bytes += read;
             short += u64::from(read != args.expect);
+            segments = segments.zip(segments_read).map(|(sum, n)| sum + n);
         }
-        anyhow::Ok((bytes, short))
+        anyhow::Ok((bytes, short, segments))
     })?;
     let cpu = cpu::own()?;
-    println!(
-        "{}",
-        json!({"bytes": bytes, "short_sockets": short, "cpu_seconds": cpu.as_secs_f64()})
-    );
+    let tally = json!({
+        "bytes": bytes,
+        "short_sockets": short,
+        "segments": segments,
+        "cpu_seconds": cpu.as_secs_f64(),
+    });
+    println!("{tally}");
     Ok(())
 }
 
-async fn read_to_end(socket: tokio::net::TcpStream) -> std::io::Result<u64> {
+/// Reads `socket` to its end: the bytes, and the data segments they came in.
+async fn read_to_end(socket: tokio::net::TcpStream) -> std::io::Result<(u64, Option<u64>)> {
     let mut bytes = 0;
     loop {
         socket.readable().await?;
         // On the stack of this poll only: ten thousand readers keep no buffer between reads.
         let mut buffer = [0u8; 16 * 1024];
         match socket.try_read(&mut buffer) {
-            Ok(0) => return Ok(bytes),
+            Ok(0) => return Ok((bytes, tcp_info::data_segments_in(&socket))),
             Ok(n) => bytes += n as u64,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),

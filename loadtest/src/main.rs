@@ -11,6 +11,7 @@ mod fanout;
 mod floor;
 mod report;
 mod socket;
+mod tcp_info;
 
 use std::future::Future;
 
@@ -38,7 +39,9 @@ enum Scenario {
     /// the handshake rate and the gateway's memory per connection.
     Connections(connections::Args),
     /// S subscribers over C channels, R publishes a second for T seconds: deliveries a second,
-    /// latency percentiles, and lost, repeated and out-of-order messages.
+    /// latency percentiles, lost, repeated and out-of-order messages, the TCP segments the
+    /// subscribers received per delivery (below 1 where the server put several messages in one
+    /// write), and with --server-pid the servers' CPU time per delivery.
     Fanout(fanout::Args),
     /// Clients drop their sockets and resume at a rate while messages flow: resumes and loss.
     Churn(churn::Args),

@@ -162,6 +162,9 @@ fn fanout_reports_the_servers_cpu_per_delivery() {
         report["server_cpu_seconds_by_pid"][&pid], report["server_cpu_seconds"],
         "{report}"
     );
+    // Every delivery came in a TCP segment, alone or with others.
+    let segments = report["segments_per_delivery"].as_f64().unwrap();
+    assert!(segments > 0.0 && segments <= 1.0, "{report}");
 }
 
 /// Message k of the floor is the frame the gateway writes for seq k: 60 bytes of text around
@@ -176,6 +179,10 @@ fn floor_writes_every_frame_and_reports_cpu_per_write() {
     assert_eq!(report["short_sockets"], 0, "{report}");
     assert!(
         report["cpu_us_per_write"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(
+        report["segments_per_write"].as_f64().unwrap() > 0.0,
         "{report}"
     );
 }
