@@ -189,12 +189,12 @@ async fn run(
                     shard.run.push(message);
                 }
                 other => {
-                    shard.write_run();
+                    shard.write_run().await;
                     shard.apply(other);
                 }
             }
         }
-        shard.write_run();
+        shard.write_run().await;
         if messages > 0 {
             let before = pending.messages.fetch_sub(messages, Ordering::Relaxed);
             if before >= MAX_PENDING {
@@ -291,16 +291,20 @@ impl ShardState {
                     }
                 }
             }
-            Command::Message(message) => {
-                self.run.push(message);
-                self.write_run();
-            }
+            // Taken into the run by the shard's loop.
+            Command::Message(message) => self.run.push(message),
         }
     }
 
     /// Writes the messages of the run: per channel, each subscriber gets the frames it has not
     /// had, in one write.
-    fn write_run(&mut self) {
+    ///
+    /// The shard yields to the runtime when its budget is spent (every hundred or so writes), so
+    /// that publishes and the broker's events go on while it writes to thousands of sockets:
+    /// messages that come meanwhile wait in the inbox, and the next run takes them together,
+    /// one write per subscriber for all of them. That is how a node under overload puts many
+    /// messages in one write, while at ordinary rates a run is one message.
+    async fn write_run(&mut self) {
         if self.run.is_empty() {
             return;
         }
@@ -316,6 +320,7 @@ impl ShardState {
             self.frames.clear();
             self.frames.extend(group.iter().map(|m| m.frame.clone()));
             for subscriber in subscribers.values_mut() {
+                tokio::task::consume_budget().await;
                 if let Some(held) = &mut subscriber.held {
                     if held.len() + group.len() > MAX_HELD {
                         subscriber
