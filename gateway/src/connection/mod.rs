@@ -19,9 +19,10 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use shared::{CloseCode, ServerFrame};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{sleep_until, timeout_at, Duration, Instant};
+use tokio::time::{sleep_until, Duration, Instant};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{error::ProtocolError, Error as WsError, Message};
 use tracing::debug;
@@ -42,38 +43,35 @@ const CLOSE_LINGER: Duration = Duration::from_secs(3);
 /// frames are small (a hello with a token is well under 1 KiB and takes a read or two; a larger
 /// frame gets a buffer of its size), and memory per idle connection is what a gateway is judged
 /// by.
-const READ_BUFFER: usize = 512;
+const READ_BUFFER: usize = 256;
 
 type Reply = Result<(), Close>;
 
 /// Serves one upgraded connection until it closes. `read_ahead` holds what the client sent
 /// after its upgrade request and the HTTP server had already read.
-pub async fn serve(
+///
+/// The connection is set up before the future is made, so that the future (which every open
+/// connection holds for its whole life) keeps only what the loop needs, not the arguments it
+/// was built from.
+pub fn serve(
     stream: TcpStream,
     read_ahead: Vec<u8>,
     node: Arc<Node>,
     client: IpAddr,
     http_token: Option<String>,
     permit: OwnedSemaphorePermit,
-) {
-    let _permit = permit;
+) -> impl std::future::Future<Output = ()> + Send {
     node.metrics.connections.inc();
     let gauges = BacklogGauges {
         bytes: node.metrics.backlog_bytes.clone(),
         connections: node.metrics.backlogged_connections.clone(),
     };
     let transport = Arc::new(Transport::new(stream, node.config.max_queue_bytes, gauges));
-    let ws = WebSocket::from_partially_read(
-        Io(transport.clone()),
-        read_ahead,
-        Role::Server,
-        Some(ws_config(&node.config)),
-    );
     let rate = NonZeroU32::new(node.config.client_rate).unwrap_or(NonZeroU32::MIN);
     let mut conn = Connection {
         id: node.next_connection_id(),
         client,
-        node: node.clone(),
+        node,
         transport,
         positions: Arc::new(Positions::default()),
         identity: None,
@@ -82,12 +80,24 @@ pub async fn serve(
         limiter: RateLimiter::direct_with_clock(Quota::per_second(rate), MonotonicClock),
         expires_at: None,
         unreadable: false,
+        _permit: permit,
     };
-    node.drain.register(conn.id, &conn.transport);
-    conn.run(ws).await;
-    node.drain.unregister(conn.id);
-    conn.end().await;
-    node.metrics.connections.dec();
+    async move {
+        let node = conn.node.clone();
+        // Made here, not captured: what an async block captures it holds to the end.
+        let ws = WebSocket::from_partially_read(
+            Io(conn.transport.clone()),
+            read_ahead,
+            Role::Server,
+            Some(ws_config(&node.config)),
+        );
+        node.drain.register(conn.id, &conn.transport);
+        conn.run(ws).await;
+        node.drain.unregister(conn.id);
+        // Boxed: its state is needed once, at the end, not in every open connection.
+        Box::pin(conn.end()).await;
+        node.metrics.connections.dec();
+    }
 }
 
 fn ws_config(config: &Config) -> WebSocketConfig {
@@ -118,6 +128,8 @@ struct Connection {
     expires_at: Option<Instant>,
     /// A frame could not be parsed: nothing more is read through the parser.
     unreadable: bool,
+    /// The connection's place under `--max-connections`.
+    _permit: OwnedSemaphorePermit,
 }
 
 /// What reading the socket came to.
@@ -159,28 +171,32 @@ impl Connection {
                 timer.as_mut().reset(deadlines.next());
             }
             if std::mem::take(&mut read_ahead) {
-                match self.read(&mut ws, &mut deadlines, sealed).await {
+                match Box::pin(self.read(&mut ws, &mut deadlines, sealed)).await {
                     Read::Drained => continue,
                     Read::PeerClosed | Read::Gone => break,
                 }
             }
-            let backlog = self.transport.has_backlog();
+            // Readable, and writable too while a backlog waits: one wait on the socket.
+            let interest = if self.transport.has_backlog() {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
             let transport = self.transport.clone();
             tokio::select! {
                 biased;
                 () = transport.attention() => {}
-                writable = transport.stream().writable(), if backlog => {
-                    if writable.is_err() || transport.write_backlog().is_err() {
+                ready = transport.stream().ready(interest) => {
+                    let Ok(ready) = ready else { return };
+                    if ready.is_writable() && transport.write_backlog().is_err() {
                         return;
                     }
-                }
-                readable = transport.stream().readable() => {
-                    if readable.is_err() {
-                        return;
-                    }
-                    match self.read(&mut ws, &mut deadlines, sealed).await {
-                        Read::Drained => {}
-                        Read::PeerClosed | Read::Gone => break,
+                    if ready.is_readable() || ready.is_read_closed() {
+                        // Boxed: an idle connection need not hold the state of a read.
+                        match Box::pin(self.read(&mut ws, &mut deadlines, sealed)).await {
+                            Read::Drained => {}
+                            Read::PeerClosed | Read::Gone => break,
+                        }
                     }
                 }
                 () = &mut timer => match deadlines.due(Instant::now()) {
@@ -202,8 +218,14 @@ impl Connection {
         let until = deadlines
             .linger
             .unwrap_or_else(|| Instant::now() + CLOSE_LINGER);
+        // Boxed: this wait happens once, at the end.
+        Box::pin(self.write_out(until)).await;
+    }
+
+    /// Writes out what waits in the backlog, until `until`.
+    async fn write_out(&self, until: Instant) {
         while let Ok(false) = self.transport.write_backlog() {
-            match timeout_at(until, self.transport.stream().writable()).await {
+            match tokio::time::timeout_at(until, self.transport.stream().writable()).await {
                 Ok(Ok(())) => {}
                 _ => return,
             }
