@@ -135,9 +135,10 @@ fn upgrade(
     tasks: &TaskTracker,
 ) -> Response<Body> {
     let headers = req.headers();
-    if let Err(refusal) = check(&req, &node, peer) {
-        return refusal.answer(&node, peer, headers);
-    }
+    let accept = match check(&req, &node, peer) {
+        Ok(accept) => accept,
+        Err(refusal) => return refusal.answer(&node, peer, headers),
+    };
     if !node.broker.available() {
         return Refusal::new(
             "broker_unavailable",
@@ -154,10 +155,6 @@ fn upgrade(
         )
         .answer(&node, peer, headers);
     };
-    let accept = headers
-        .get(SEC_WEBSOCKET_KEY)
-        .map(|k| derive_accept_key(k.as_bytes()))
-        .expect("checked: the request has a key");
     let protocol = handshake::subprotocol(headers);
     let token = handshake::token(req.uri(), headers, &node.config.token_cookie);
     let client = handshake::client_address(peer, headers, &node.config.trusted_proxies);
@@ -194,8 +191,9 @@ fn upgrade(
 }
 
 /// The checks of an upgrade before the node commits a connection to it, in the order a client
-/// would want to learn of them: its own mistakes, then its origin, then the node's state.
-fn check(req: &Request<Incoming>, node: &Node, peer: IpAddr) -> Result<(), Refusal> {
+/// would want to learn of them: its own mistakes, then its origin, then the node's state. The
+/// `Sec-WebSocket-Accept` of the answer when they pass.
+fn check(req: &Request<Incoming>, node: &Node, peer: IpAddr) -> Result<String, Refusal> {
     let headers = req.headers();
     // RFC 6455 4.1: the opening handshake is HTTP/1.1 or later.
     if req.version() < Version::HTTP_11 {
@@ -208,13 +206,14 @@ fn check(req: &Request<Incoming>, node: &Node, peer: IpAddr) -> Result<(), Refus
     let version_ok = headers
         .get(SEC_WEBSOCKET_VERSION)
         .is_some_and(|v| v == "13");
-    if req.method() != Method::GET || !headers.contains_key(SEC_WEBSOCKET_KEY) || !version_ok {
+    let key = headers.get(SEC_WEBSOCKET_KEY);
+    let (Some(key), true, &Method::GET) = (key, version_ok, req.method()) else {
         return Err(Refusal::new(
             "bad_request",
             StatusCode::BAD_REQUEST,
             "bad WebSocket upgrade request (GET with Sec-WebSocket-Key and version 13)",
         ));
-    }
+    };
     let from_proxy = handshake::is_trusted_proxy(peer, &node.config.trusted_proxies);
     if let Err(why) = handshake::check_origin(headers, &node.config.allowed_origins, from_proxy) {
         return Err(
@@ -228,7 +227,7 @@ fn check(req: &Request<Incoming>, node: &Node, peer: IpAddr) -> Result<(), Refus
             "node is draining",
         ));
     }
-    Ok(())
+    Ok(derive_accept_key(key.as_bytes()))
 }
 
 /// A handshake answered with an HTTP status instead of 101.
