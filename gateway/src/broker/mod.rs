@@ -175,17 +175,6 @@ pub enum BrokerError {
     Internal(String),
 }
 
-impl BrokerError {
-    /// A short name of the cause, for logs and metrics labels.
-    pub fn cause(&self) -> &'static str {
-        match self {
-            BrokerError::Unavailable(_) => "unavailable",
-            BrokerError::Protocol(_) => "protocol",
-            BrokerError::Internal(_) => "internal",
-        }
-    }
-}
-
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Appends `data` to the channel: the next seq, history, and delivery to every node.
