@@ -475,3 +475,43 @@ impl Channel {
             .map(|(shard, _)| shard)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(epoch: &str, seq: u64) -> Delivery {
+        Delivery {
+            channel: Arc::from("news"),
+            seq,
+            epoch: Arc::from(epoch),
+            data: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[test]
+    fn continuity_of_a_channel() {
+        let mut channel = Channel::new(Arc::from("news"), 2);
+        // Nothing passed on yet: whatever comes first is where the channel stands.
+        assert_eq!(channel.continuity(&delivery("a", 7)), Continuity::Next);
+        channel.epoch = Some(Arc::from("a"));
+        channel.last_seq = 7;
+        assert_eq!(channel.continuity(&delivery("a", 8)), Continuity::Next);
+        assert_eq!(channel.continuity(&delivery("a", 7)), Continuity::Repeat);
+        assert_eq!(channel.continuity(&delivery("a", 1)), Continuity::Repeat);
+        assert_eq!(channel.continuity(&delivery("a", 10)), Continuity::Gap);
+        // A new epoch restarts the sequence, whatever its seq.
+        assert_eq!(channel.continuity(&delivery("b", 1)), Continuity::NewEpoch);
+        assert_eq!(channel.continuity(&delivery("b", 9)), Continuity::NewEpoch);
+    }
+
+    #[test]
+    fn a_channel_knows_its_shards() {
+        let mut channel = Channel::new(Arc::from("a.b"), 3);
+        assert_eq!(&*channel.json, "\"a.b\"");
+        assert_eq!(channel.shards().count(), 0);
+        channel.subscribers[2] = 4;
+        channel.subscribers[0] = 1;
+        assert_eq!(channel.shards().collect::<Vec<_>>(), vec![0, 2]);
+    }
+}

@@ -373,6 +373,17 @@ mod tests {
         wire::text(&body)
     }
 
+    /// Writes the backlog out as the socket takes it, as the connection's task does.
+    async fn write_out(transport: &Transport) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !transport.write_backlog().unwrap() {
+            tokio::time::timeout_at(deadline, transport.stream().writable())
+                .await
+                .expect("the backlog drains")
+                .unwrap();
+        }
+    }
+
     /// Everything the peer reads, until `total` bytes.
     async fn read_all(peer: &mut TcpStream, total: usize) -> Vec<u8> {
         let mut out = vec![0; total];
@@ -399,13 +410,7 @@ mod tests {
         );
         let reader =
             tokio::spawn(async move { read_all(&mut client, expected.len()).await == expected });
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !transport.write_backlog().unwrap() {
-            tokio::time::timeout_at(deadline, transport.stream().writable())
-                .await
-                .expect("the backlog drains")
-                .unwrap();
-        }
+        write_out(&transport).await;
         assert!(reader.await.unwrap(), "bytes in order and whole");
         assert_eq!(
             transport.gauges.bytes.get(),
@@ -440,13 +445,7 @@ mod tests {
             client.read_to_end(&mut bytes).await.unwrap();
             bytes
         });
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !transport.write_backlog().unwrap() {
-            tokio::time::timeout_at(deadline, transport.stream().writable())
-                .await
-                .expect("the backlog drains")
-                .unwrap();
-        }
+        write_out(&transport).await;
         drop(transport);
         let bytes = reader.await.unwrap();
         let frame_len = frame(0, 1000).len();

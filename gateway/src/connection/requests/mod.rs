@@ -8,7 +8,7 @@ mod unsubscribe;
 
 use bytes::Bytes;
 use shared::frame::Id;
-use shared::{ClientFrame, CloseCode, ErrorCode, FrameError, ServerFrame};
+use shared::{valid_channel, ClientFrame, CloseCode, ErrorCode, FrameError, ServerFrame};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{close, Connection, Reply};
@@ -88,6 +88,17 @@ impl Connection {
                 Ok(())
             }
         }
+    }
+
+    /// Refuses a request for a channel whose name the contract does not allow; true if refused.
+    fn refuse_invalid_channel(&self, id: &Option<Id>, channel: &str) -> bool {
+        let invalid = !valid_channel(channel);
+        if invalid {
+            let error =
+                ServerFrame::error(id.clone(), ErrorCode::BadRequest, "invalid channel name");
+            self.reply(error);
+        }
+        invalid
     }
 
     /// Refuses a request that a limit stops, and counts the limit.

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use shared::frame::Id;
-use shared::{valid_channel, ErrorCode, ServerFrame};
+use shared::{ErrorCode, ServerFrame};
 use tracing::warn;
 
 use super::super::Connection;
@@ -11,12 +11,8 @@ use super::super::Connection;
 impl Connection {
     pub(super) async fn publish(&mut self, id: Option<Id>, channel: String, data: Bytes) {
         let node = self.node.clone();
-        if !valid_channel(&channel) {
-            return self.reply(ServerFrame::error(
-                id,
-                ErrorCode::BadRequest,
-                "invalid channel name",
-            ));
+        if self.refuse_invalid_channel(&id, &channel) {
+            return;
         }
         if !self
             .identity()

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use shared::frame::Id;
-use shared::{valid_channel, ErrorCode, Position, ServerFrame};
+use shared::{ErrorCode, Position, ServerFrame};
 use tracing::warn;
 
 use super::super::Connection;
@@ -17,12 +17,8 @@ impl Connection {
         since: Option<Position>,
     ) {
         let node = self.node.clone();
-        if !valid_channel(&channel) {
-            return self.reply(ServerFrame::error(
-                id,
-                ErrorCode::BadRequest,
-                "invalid channel name",
-            ));
+        if self.refuse_invalid_channel(&id, &channel) {
+            return;
         }
         if !self.identity().may_subscribe(&channel) {
             return self.reply(ServerFrame::error(
