@@ -187,6 +187,39 @@ pub struct Config {
 
 impl Config {
     /// Checks what clap cannot.
+    /// Logs the configuration as one line of fields: secrets only as whether they are set, the
+    /// Redis URL without its password.
+    pub fn log(&self) {
+        tracing::info!(
+            listen = %self.listen,
+            admin_listen = %self.admin_listen,
+            node_id = self.node_id.as_deref(),
+            redis_url = self.redis_url.as_ref().map(|u| crate::broker::redis::redact(u.expose())),
+            jwt_secret_set = self.jwt_secret.is_some(),
+            jwt_public_key = ?self.jwt_public_key,
+            api_key_set = self.api_key.is_some(),
+            allowed_origins = ?self.allowed_origins,
+            client_publish = self.client_publish,
+            history_size = self.history_size,
+            history_ttl_s = self.history_ttl.as_secs_f64(),
+            session_ttl_s = self.session_ttl.as_secs_f64(),
+            heartbeat_interval_s = self.heartbeat_interval.as_secs_f64(),
+            pong_timeout_s = self.pong_timeout.as_secs_f64(),
+            hello_timeout_s = self.hello_timeout.as_secs_f64(),
+            max_connections = self.max_connections,
+            max_frame_bytes = self.max_frame_bytes,
+            max_publish_bytes = self.max_publish_bytes,
+            client_rate = self.client_rate,
+            max_queue_bytes = self.max_queue_bytes,
+            max_subscriptions = self.max_subscriptions,
+            drain_delay_s = self.drain_delay.as_secs_f64(),
+            drain_window_s = self.drain_window.as_secs_f64(),
+            drain_timeout_s = self.drain_timeout.as_secs_f64(),
+            trusted_proxies = ?self.trusted_proxies,
+            "configuration"
+        );
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.heartbeat_interval.is_zero() {
             return Err("--heartbeat-interval must be above zero".into());

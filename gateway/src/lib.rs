@@ -43,7 +43,7 @@ use crate::shutdown::Tasks;
 /// Runs a node until it is signalled and drained.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
-    info!(?config, "configuration");
+    config.log();
     let node_id = config
         .node_id
         .clone()

@@ -23,6 +23,9 @@ use crate::connection::Transport;
 use crate::node::Node;
 use crate::session::Scan;
 
+/// How often the drain logs how many connections are still open.
+const DRAIN_PROGRESS: Duration = Duration::from_secs(1);
+
 /// How long the node's own tasks may take to stop once the connections are gone.
 const TASKS_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -158,12 +161,27 @@ pub async fn drain(node: Arc<Node>, connections: TaskTracker, signals: &mut Sign
     }
     node.sessions.save(Scan::All).await;
     connections.close();
-    let closing = node.drain.close_all(config.drain_window);
+    let closing = async {
+        node.drain.close_all(config.drain_window).await;
+        info!(
+            connections = node.metrics.connections.get(),
+            "every client asked to go (1001)"
+        );
+    };
     let closed = async {
         tokio::join!(closing, connections.wait());
     };
+    let progress = async {
+        let mut every = tokio::time::interval(DRAIN_PROGRESS);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            info!(connections = node.metrics.connections.get(), "draining");
+        }
+    };
     tokio::select! {
         () = closed => info!("drained: every client closed"),
+        () = progress => {}
         () = tokio::time::sleep(config.drain_timeout) => {
             warn!(connections = node.metrics.connections.get(), "drain timeout: exiting with connections still open");
         }

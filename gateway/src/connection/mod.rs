@@ -92,8 +92,11 @@ pub fn serve(
             Some(ws_config(&node.config)),
         );
         node.drain.register(conn.id, &conn.transport);
-        conn.run(ws).await;
+        debug!(conn = conn.id, client = %conn.client, "connection opened");
+        let started = Instant::now();
+        let peer_close = conn.run(ws).await;
         node.drain.unregister(conn.id);
+        conn.log_end(started.elapsed(), peer_close);
         // Boxed: its state is needed once, at the end, not in every open connection.
         Box::pin(conn.end()).await;
         node.metrics.connections.dec();
@@ -136,14 +139,17 @@ struct Connection {
 enum Read {
     /// Everything there was is read.
     Drained,
-    /// The client's close frame came (and its echo is sent, unless ours went first).
-    PeerClosed,
+    /// The client's close frame came, with its code (and its echo is sent, unless ours went
+    /// first).
+    PeerClosed(Option<u16>),
     /// The socket is gone.
     Gone,
 }
 
 impl Connection {
-    async fn run(&mut self, mut ws: WebSocket<Io>) {
+    /// Serves the connection until it ends; returns the client's close code when the client
+    /// closed first.
+    async fn run(&mut self, mut ws: WebSocket<Io>) -> Option<u16> {
         let node = self.node.clone();
         let mut deadlines = Deadlines::new(Instant::now(), &node.config);
         // One timer for every deadline: an idle connection holds one timer entry, not five.
@@ -153,6 +159,7 @@ impl Connection {
         // What the HTTP server read past the upgrade request is read first: the socket may not
         // turn readable again for it.
         let mut read_ahead = true;
+        let mut peer_close = None;
         loop {
             if !sealed {
                 if let Some(close) = self.transport.closing() {
@@ -160,7 +167,7 @@ impl Connection {
                     self.seal(close);
                     // A peer that stopped answering will not answer a close either.
                     if close.reason == HEARTBEAT_TIMEOUT {
-                        return;
+                        return None;
                     }
                     deadlines.linger = Some(Instant::now() + CLOSE_LINGER);
                 }
@@ -173,7 +180,11 @@ impl Connection {
             if std::mem::take(&mut read_ahead) {
                 match Box::pin(self.read(&mut ws, &mut deadlines, sealed)).await {
                     Read::Drained => continue,
-                    Read::PeerClosed | Read::Gone => break,
+                    Read::PeerClosed(code) => {
+                        peer_close = code;
+                        break;
+                    }
+                    Read::Gone => break,
                 }
             }
             // Readable, and writable too while a backlog waits: one wait on the socket.
@@ -187,20 +198,24 @@ impl Connection {
                 biased;
                 () = transport.attention() => {}
                 ready = transport.stream().ready(interest) => {
-                    let Ok(ready) = ready else { return };
+                    let Ok(ready) = ready else { return None };
                     if ready.is_writable() && transport.write_backlog().is_err() {
-                        return;
+                        return None;
                     }
                     if ready.is_readable() || ready.is_read_closed() {
                         // Boxed: an idle connection need not hold the state of a read.
                         match Box::pin(self.read(&mut ws, &mut deadlines, sealed)).await {
                             Read::Drained => {}
-                            Read::PeerClosed | Read::Gone => break,
+                            Read::PeerClosed(code) => {
+                                peer_close = code;
+                                break;
+                            }
+                            Read::Gone => break,
                         }
                     }
                 }
                 () = &mut timer => match deadlines.due(Instant::now()) {
-                    Some(Due::Linger) => return,
+                    Some(Due::Linger) => return None,
                     Some(Due::Expired) => self.transport.close(CloseCode::Unauthorized, "token expired"),
                     Some(Due::Hello) => self.transport.close(CloseCode::HelloTimeout, "no hello in time"),
                     Some(Due::Silent) => self.transport.close(CloseCode::GoingAway, HEARTBEAT_TIMEOUT),
@@ -220,6 +235,29 @@ impl Connection {
             .unwrap_or_else(|| Instant::now() + CLOSE_LINGER);
         // Boxed: this wait happens once, at the end.
         Box::pin(self.write_out(until)).await;
+        peer_close
+    }
+
+    /// Logs how the connection ended (never its token): who closed it, with which code, after
+    /// how long.
+    fn log_end(&self, lived: Duration, peer_close: Option<u16>) {
+        let subject = self.identity.as_ref().map(Identity::subject);
+        let lived_ms = lived.as_millis() as u64;
+        let (closed_by, code, reason) = match (self.transport.closing(), peer_close) {
+            (Some(close), _) => ("server", Some(close.code.code()), close.reason),
+            (None, Some(code)) => ("client", Some(code), ""),
+            (None, None) => ("network", None, "the socket ended without a close frame"),
+        };
+        debug!(
+            conn = self.id,
+            client = %self.client,
+            subject,
+            lived_ms,
+            closed_by,
+            code,
+            reason,
+            "connection closed"
+        );
     }
 
     /// Writes out what waits in the backlog, until `until`.
@@ -257,7 +295,10 @@ impl Connection {
     ) -> Read {
         loop {
             match ws.read() {
-                Ok(Message::Close(_)) => return Read::PeerClosed,
+                // 1005: the close frame carried no code (RFC 6455 7.1.5).
+                Ok(Message::Close(frame)) => {
+                    return Read::PeerClosed(Some(frame.map_or(1005, |f| u16::from(f.code))))
+                }
                 Ok(message) => {
                     deadlines.silence = Instant::now() + deadlines.silence_limit;
                     if sealed || self.transport.closing().is_some() {

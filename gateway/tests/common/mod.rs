@@ -99,7 +99,9 @@ impl Gateway {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if line.contains(" listening ") && line.contains("client=") {
+                let text = line.contains(" listening ") && line.contains("client=");
+                let json = line.contains(r#""message":"listening""#);
+                if text || json {
                     let _ = found.send(line.clone());
                 }
                 let mut logs = sink.lock().unwrap();
@@ -120,10 +122,17 @@ impl Gateway {
                 );
             }
         };
+        // `name=value` in text logs; `"name":"value"` in JSON logs (`--log-format json`).
         let field = |name: &str| -> String {
+            let json = format!("\"{}\":", name.trim_end_matches('='));
             line.split_whitespace()
                 .find_map(|token| token.strip_prefix(name))
+                .or_else(|| {
+                    line.split(',')
+                        .find_map(|part| part.trim_start_matches('{').strip_prefix(&json))
+                })
                 .unwrap_or_else(|| panic!("no `{name}` in `{line}`"))
+                .trim_end_matches('}')
                 .trim_matches('"')
                 .to_owned()
         };
@@ -303,6 +312,19 @@ impl Drop for Gateway {
 }
 
 /// The value of `series` in a Prometheus text exposition; 0 when absent.
+/// The node's logs once `ready` holds for them, or a panic at the deadline.
+pub async fn wait_for_logs(gw: &Gateway, ready: impl Fn(&str) -> bool) -> String {
+    let until = Instant::now() + DEADLINE;
+    loop {
+        let logs = gw.logs();
+        if ready(&logs) {
+            return logs;
+        }
+        assert!(Instant::now() < until, "the logs never showed it:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn metric_value(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
