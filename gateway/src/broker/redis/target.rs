@@ -435,7 +435,11 @@ fn split(url: &str) -> Result<Parts<'_>, &'static str> {
 /// The URL with its password (or a lone userinfo, which may be one) replaced by `***`.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        // Not a URL: whatever follows a colon may be a password.
+        return match url.split_once(':') {
+            Some((before, _)) => format!("{before}:***"),
+            None => url.to_owned(),
+        };
     };
     let (authority, path) = match rest.split_once('/') {
         Some((authority, path)) => (authority, Some(path)),
@@ -446,7 +450,19 @@ pub fn redact(url: &str) -> String {
             Some((user, _)) => format!("{user}:***@{hosts}"),
             None => format!("***@{hosts}"),
         },
-        None => authority.to_owned(),
+        // Hosts only: a "port" that is not a number is likely a password without its `@`.
+        None => authority
+            .split(',')
+            .map(|host| match host.rsplit_once(':') {
+                Some((name, port))
+                    if !host.ends_with(']') && !port.chars().all(|c| c.is_ascii_digit()) =>
+                {
+                    format!("{name}:***")
+                }
+                _ => host.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(","),
     };
     match path {
         Some(path) => format!("{scheme}://{authority}/{path}"),
