@@ -5,11 +5,13 @@
 //! - [`target`]: the URL forms, TLS, and where writes go now;
 //! - [`link`]: the pub/sub connection, reconnected in the background, whose health is the
 //!   broker's availability; [`sentinel`]: which node is the master;
-//! - [`pool`]: connections for commands; [`scripts`]: the Lua that numbers and stores messages;
+//! - [`pool`]: connections for commands; [`pipeline`]: the shared connections that pipeline
+//!   concurrent publishes; [`scripts`]: the Lua that numbers and stores messages;
 //! - [`keys`]: the key schema, and the payloads of the topics.
 
 mod keys;
 mod link;
+mod pipeline;
 mod pool;
 mod scripts;
 mod sentinel;
@@ -93,6 +95,8 @@ pub struct RedisBroker {
     target: Arc<Target>,
     link: Arc<LinkState>,
     commands: pool::Pool,
+    /// Publishes, pipelined.
+    shared: pipeline::Shared,
     scripts: Scripts,
 }
 
@@ -122,6 +126,7 @@ impl RedisBroker {
             history: settings.history,
             target,
             commands: pool::new(state.clone()),
+            shared: pipeline::Shared::new(state.clone()),
             link: state,
             scripts: Scripts::new(),
         });
@@ -141,6 +146,26 @@ impl RedisBroker {
             pooled.broken = matches!(e, BrokerError::Unavailable(_));
             e
         })
+    }
+
+    /// Runs one request on a shared connection, pipelined with the others in flight: for the
+    /// small, frequent requests (publishes), not for long batches that would hold them up.
+    async fn query_shared<T: redis::FromRedisValue>(
+        &self,
+        request: Request<'_>,
+    ) -> Result<T, BrokerError> {
+        self.ensure_up()?;
+        let mut lease = self.shared.get().await.map_err(classify)?;
+        match request.run(&mut lease.conn).await {
+            Ok(reply) => Ok(reply),
+            Err(e) => {
+                let e = classify(e);
+                if matches!(e, BrokerError::Unavailable(_)) {
+                    lease.broken();
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Fails at once while the link is down, rather than after a connection timeout.
@@ -260,7 +285,7 @@ impl Broker for RedisBroker {
             .arg(millis(self.history.ttl))
             .arg(channel_topic(channel))
             .arg(self.publish_command());
-        let (seq, epoch): (u64, String) = self.query(Request::Script(invocation)).await?;
+        let (seq, epoch): (u64, String) = self.query_shared(Request::Script(invocation)).await?;
         Ok(Published {
             seq,
             epoch: epoch.into(),
