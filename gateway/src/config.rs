@@ -29,6 +29,9 @@ pub enum Command {
     Publish(PublishArgs),
     /// Exit 0 when the node's /readyz answers 200 (for container health checks).
     Health(HealthArgs),
+    /// Print a channel's retained messages after a seq and its current seq and epoch, or
+    /// remove its history, through a node's admin API.
+    History(HistoryArgs),
 }
 
 /// A node's configuration.
@@ -145,6 +148,13 @@ pub struct Config {
     #[arg(long, env = "BGW_MAX_PUBLISH_BYTES", default_value_t = 1024 * 1024)]
     pub max_publish_bytes: usize,
 
+    /// How long an idempotency key of the publish API is remembered: a retry with the same key
+    /// within it gets the first publish's answer and publishes nothing. Longer than any retry
+    /// policy of a back end (minutes), short enough that the keys of a busy back end (one per
+    /// publish, kept in the broker) do not pile up.
+    #[arg(long, env = "BGW_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = duration)]
+    pub idempotency_window: Duration,
+
     /// Frames per second a client may send (with a burst of as many); more closes with 4029.
     /// Subscribing, publishing and pinging take a few frames a second.
     #[arg(long, env = "BGW_CLIENT_RATE", default_value_t = 50)]
@@ -235,6 +245,38 @@ pub struct PublishArgs {
     pub channel: String,
     /// The message: any JSON value. Read from standard input when absent.
     pub data: Option<String>,
+    /// Publish at most once with this key: a retry with the same key (to the same channel,
+    /// within the node's --idempotency-window) prints the first publish's answer again.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Where a command of the admin API goes.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Base URL of a node's admin listener.
+    #[arg(long, env = "BGW_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+    pub admin_url: String,
+    /// The admin API key, where the node requires one.
+    #[arg(long, env = "BGW_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// The channel.
+    pub channel: String,
+    /// Messages with a seq above this one.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    /// At most this many messages (1 to 1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Remove the channel's history instead of printing it.
+    #[arg(long, conflicts_with_all = ["since", "limit"])]
+    pub remove: bool,
 }
 
 #[derive(Debug, Args)]

@@ -431,7 +431,7 @@ mod tests {
     #[test]
     fn every_label_the_code_uses_starts_at_zero() {
         let sources = [
-            include_str!("admin.rs"),
+            include_str!("admin/mod.rs"),
             include_str!("connection/mod.rs"),
             include_str!("connection/requests/mod.rs"),
             include_str!("connection/requests/subscribe.rs"),

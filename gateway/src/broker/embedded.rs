@@ -37,6 +37,8 @@ struct State {
     /// Channels the node wants delivered.
     subscribed: HashSet<Arc<str>>,
     sessions: HashMap<String, (SessionRecord, Instant)>,
+    /// Idempotent publishes: `(channel, key)` to the first publish's place, until it expires.
+    once: HashMap<(Arc<str>, String), (Published, Instant)>,
 }
 
 struct ChannelLog {
@@ -113,7 +115,9 @@ impl EmbeddedBroker {
             channels,
             subscribed,
             sessions,
+            once,
         } = &mut *state;
+        once.retain(|_, (_, expires)| *expires > now);
         channels.retain(|name, log| {
             log.trim(limits, now);
             subscribed.contains(name) || now.duration_since(log.used) < CHANNEL_TTL
@@ -126,35 +130,20 @@ impl EmbeddedBroker {
         self.state.lock().channels.len()
     }
 
-    fn live_session(state: &mut State, id: &str, now: Instant) -> Option<SessionRecord> {
-        match state.sessions.get(id) {
-            Some((record, expires)) if *expires > now => Some(record.clone()),
-            Some(_) => {
-                state.sessions.remove(id);
-                None
-            }
-            None => None,
-        }
-    }
-}
-
-#[async_trait]
-impl Broker for EmbeddedBroker {
-    async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
-        // Reserve the event's place first, so that seq order and delivery order are the same
-        // order: both are decided under the lock below.
-        let permit = self
-            .events
-            .reserve()
-            .await
-            .map_err(|_| BrokerError::Internal("node stopped".into()))?;
-        let now = Instant::now();
-        let mut state = self.state.lock();
+    /// Numbers `data`, keeps it in history and hands it to the hub, all under the state's lock.
+    fn append(
+        &self,
+        state: &mut State,
+        permit: mpsc::Permit<'_, Event>,
+        channel: &str,
+        data: Bytes,
+        now: Instant,
+    ) -> Published {
         let State {
             channels,
             subscribed,
             ..
-        } = &mut *state;
+        } = state;
         let log = match channels.get_mut(channel) {
             Some(log) => log,
             None => channels
@@ -177,7 +166,65 @@ impl Broker for EmbeddedBroker {
                 data,
             }));
         }
+        published
+    }
+
+    fn live_session(state: &mut State, id: &str, now: Instant) -> Option<SessionRecord> {
+        match state.sessions.get(id) {
+            Some((record, expires)) if *expires > now => Some(record.clone()),
+            Some(_) => {
+                state.sessions.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for EmbeddedBroker {
+    async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
+        // Reserve the event's place first, so that seq order and delivery order are the same
+        // order: both are decided under the lock in `append`.
+        let permit = self
+            .events
+            .reserve()
+            .await
+            .map_err(|_| BrokerError::Internal("node stopped".into()))?;
+        let now = Instant::now();
+        Ok(self.append(&mut self.state.lock(), permit, channel, data, now))
+    }
+
+    async fn publish_once(
+        &self,
+        channel: &str,
+        data: Bytes,
+        key: &str,
+        window: Duration,
+    ) -> Result<Published, BrokerError> {
+        let permit = self
+            .events
+            .reserve()
+            .await
+            .map_err(|_| BrokerError::Internal("node stopped".into()))?;
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let id = (Arc::from(channel), key.to_owned());
+        if let Some((first, expires)) = state.once.get(&id) {
+            if *expires > now {
+                return Ok(first.clone());
+            }
+        }
+        let published = self.append(&mut state, permit, channel, data, now);
+        state.once.insert(id, (published.clone(), now + window));
         Ok(published)
+    }
+
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
+        if let Some(log) = self.state.lock().channels.get_mut(channel) {
+            log.history.clear();
+        }
+        Ok(())
     }
 
     async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {
@@ -325,5 +372,38 @@ mod tests {
             .unwrap();
         assert_eq!(again.seq, 1);
         assert_ne!(again.epoch, old.epoch);
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_publishes_once_within_its_window() {
+        let limits = HistoryLimits {
+            size: 10,
+            ttl: Duration::from_secs(60),
+        };
+        let (broker, _events) = EmbeddedBroker::new("n".into(), limits);
+        let window = Duration::from_secs(300);
+        let data = || Bytes::from_static(b"1");
+        let first = broker.publish_once("a", data(), "k", window).await.unwrap();
+        let again = broker.publish_once("a", data(), "k", window).await.unwrap();
+        assert_eq!(again, first);
+        let other_key = broker
+            .publish_once("a", data(), "k2", window)
+            .await
+            .unwrap();
+        assert_eq!(other_key.seq, 2);
+        let other_channel = broker.publish_once("b", data(), "k", window).await.unwrap();
+        assert_eq!(other_channel.seq, 1);
+        assert_eq!(broker.history("a", 0).await.unwrap().messages.len(), 2);
+
+        // A window that is over: the key is forgotten, and the same key publishes again.
+        let gone = broker
+            .publish_once("c", data(), "k", Duration::ZERO)
+            .await
+            .unwrap();
+        let after = broker
+            .publish_once("c", data(), "k", Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!((gone.seq, after.seq), (1, 2));
     }
 }

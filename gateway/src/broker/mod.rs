@@ -191,6 +191,22 @@ pub trait Broker: Send + Sync + 'static {
     /// Appends `data` to the channel: the next seq, history, and delivery to every node.
     async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError>;
 
+    /// Publishes as [`Broker::publish`] does, unless a publish to the channel with the same
+    /// idempotency `key` was made within `window`: then answers with that publish's place and
+    /// publishes nothing. The check and the publish are one atomic step, so that two retries
+    /// racing each other publish once.
+    async fn publish_once(
+        &self,
+        channel: &str,
+        data: Bytes,
+        key: &str,
+        window: Duration,
+    ) -> Result<Published, BrokerError>;
+
+    /// Forgets the channel's retained messages; its seq and epoch stay, so that later publishes
+    /// continue the sequence (a client resuming from before gets `recovered: false`).
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError>;
+
     /// The channel's retained messages with seq greater than `after`.
     async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError>;
 

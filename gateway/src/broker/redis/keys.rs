@@ -9,6 +9,7 @@
 //!   last publish, and entries older than that are not replayed.
 //! - `bgw:{ch}:line` (behind Sentinel only): the replication id of the master that numbered
 //!   the channel's last message; see `scripts.rs`.
+//! - `bgw:{ch}:once:<key>`: an idempotent publish's `<seq>:<epoch>`, for its window.
 //! - `bgw:{ch}:msg`: the pub/sub topic, payload `<seq>:<epoch>:<data>`.
 //! - `bgw:session:{id}`: a hash with `record` (JSON) and `owner` (JSON), expiring after the
 //!   session TTL.
@@ -27,6 +28,12 @@ pub fn channel_keys(channel: &str) -> [String; 4] {
         format!("bgw:{{{channel}}}:hist"),
         format!("bgw:{{{channel}}}:line"),
     ]
+}
+
+/// The record of an idempotent publish: on the channel's shard, so that one script checks it
+/// and publishes.
+pub fn once_key(channel: &str, key: &str) -> String {
+    format!("bgw:{{{channel}}}:once:{key}")
 }
 
 pub fn channel_topic(channel: &str) -> String {

@@ -27,7 +27,9 @@ use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use self::keys::{channel_keys, channel_topic, control_topic, session_key, TakeoverNotice};
+use self::keys::{
+    channel_keys, channel_topic, control_topic, once_key, session_key, TakeoverNotice,
+};
 use self::link::{Link, LinkState};
 use self::scripts::Scripts;
 use self::target::{Target, TlsFiles};
@@ -209,6 +211,32 @@ impl RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// The publish script, idempotent with `once` (its key and window).
+    async fn publish_script(
+        &self,
+        channel: &str,
+        data: Bytes,
+        once: Option<(&str, Duration)>,
+    ) -> Result<Published, BrokerError> {
+        let mut invocation = self.channel_invocation(&self.scripts.publish, channel);
+        invocation
+            .arg(&data[..])
+            .arg(self.history.size)
+            .arg(millis(self.history.ttl))
+            .arg(channel_topic(channel))
+            .arg(self.publish_command());
+        if let Some((key, window)) = once {
+            invocation.key(once_key(channel, key)).arg(millis(window));
+        }
+        let (seq, epoch): (u64, String) = self.query_shared(Request::Script(invocation)).await?;
+        Ok(Published {
+            seq,
+            epoch: epoch.into(),
+        })
+    }
+}
+
 /// One command or script call.
 enum Request<'a> {
     Script(redis::ScriptInvocation<'a>),
@@ -278,18 +306,25 @@ fn millis(d: Duration) -> u64 {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
-        let mut invocation = self.channel_invocation(&self.scripts.publish, channel);
-        invocation
-            .arg(&data[..])
-            .arg(self.history.size)
-            .arg(millis(self.history.ttl))
-            .arg(channel_topic(channel))
-            .arg(self.publish_command());
-        let (seq, epoch): (u64, String) = self.query_shared(Request::Script(invocation)).await?;
-        Ok(Published {
-            seq,
-            epoch: epoch.into(),
-        })
+        self.publish_script(channel, data, None).await
+    }
+
+    async fn publish_once(
+        &self,
+        channel: &str,
+        data: Bytes,
+        key: &str,
+        window: Duration,
+    ) -> Result<Published, BrokerError> {
+        self.publish_script(channel, data, Some((key, window)))
+            .await
+    }
+
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
+        let [_, _, hist, _] = channel_keys(channel);
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(hist);
+        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
     }
 
     async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {

@@ -32,8 +32,17 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 ";
 
 /// ARGV[4]: data, ARGV[5]: history size, ARGV[6]: history TTL (ms), ARGV[7]: topic,
-/// ARGV[8]: `PUBLISH` or `SPUBLISH`. Returns {seq, epoch}.
+/// ARGV[8]: `PUBLISH` or `SPUBLISH`. With KEYS[5] (an idempotency key) and ARGV[9] (its window,
+/// ms): a publish already made with that key answers its `{seq, epoch}` again and publishes
+/// nothing; a new one is remembered for the window. Returns {seq, epoch}.
 const PUBLISH: &str = r"
+if KEYS[5] then
+  local first = redis.call('GET', KEYS[5])
+  if first then
+    local seq, first_epoch = string.match(first, '^(%d+):(.+)$')
+    return {tonumber(seq), first_epoch}
+  end
+end
 local seq = redis.call('INCR', KEYS[1])
 if seq == 1 then redis.call('DEL', KEYS[3]) end
 local now = redis.call('TIME')
@@ -41,6 +50,7 @@ local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[5], seq .. '-0', 'd', ARGV[4], 't', ms)
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
 redis.call(ARGV[8], ARGV[7], seq .. ':' .. epoch .. ':' .. ARGV[4])
+if KEYS[5] then redis.call('SET', KEYS[5], seq .. ':' .. epoch, 'PX', ARGV[9]) end
 return {seq, epoch}
 ";
 
