@@ -32,6 +32,9 @@ pub enum Command {
     /// Print a channel's retained messages after a seq and its current seq and epoch, or
     /// remove its history, through a node's admin API.
     History(HistoryArgs),
+    /// Close every connection of a user, or one session's, on every node, through a node's
+    /// admin API.
+    Disconnect(DisconnectArgs),
 }
 
 /// A node's configuration.
@@ -260,6 +263,26 @@ pub struct AdminArgs {
     /// The admin API key, where the node requires one.
     #[arg(long, env = "BGW_API_KEY", hide_env_values = true)]
     pub api_key: Option<Secret>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("whom").required(true).args(["user", "session"])))]
+pub struct DisconnectArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Every connection of this user (the token's `sub`).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The connection that holds this session.
+    #[arg(long)]
+    pub session: Option<String>,
+    /// The close: `disconnect` (4003, may reconnect), `revoked` (4001, needs a new token) or
+    /// `terminate` (4004, should not reconnect).
+    #[arg(long, default_value = "disconnect", value_parser = ["disconnect", "revoked", "terminate"])]
+    pub reason: String,
+    /// End the sessions too, so that they cannot be resumed.
+    #[arg(long)]
+    pub end_session: bool,
 }
 
 #[derive(Debug, Args)]

@@ -106,6 +106,12 @@ impl Hub {
                     let hub = self.clone();
                     tokio::spawn(async move { hub.resync().await });
                 }
+                Event::Control(control) => {
+                    let (hub, sessions) = (self.clone(), sessions.clone());
+                    tokio::spawn(async move {
+                        crate::control::apply(control, &hub, &*hub.broker, &sessions).await
+                    });
+                }
             }
         }
     }

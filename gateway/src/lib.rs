@@ -17,6 +17,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod control;
 pub mod fanout;
 pub mod handshake;
 pub mod hub;

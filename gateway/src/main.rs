@@ -24,6 +24,7 @@ fn main() -> ExitCode {
             Some(Command::Publish(args)) => publish(args).await,
             Some(Command::Health(args)) => health(&args.admin_url).await,
             Some(Command::History(args)) => history(args).await,
+            Some(Command::Disconnect(args)) => disconnect(args).await,
         }
     });
     match result {
@@ -96,6 +97,29 @@ async fn history(args: gateway::config::HistoryArgs) -> anyhow::Result<ExitCode>
     let (status, body) =
         admin_client::request(&args.admin.admin_url, method, &path, None, key).await?;
     Ok(printed(status, &body))
+}
+
+async fn disconnect(args: gateway::config::DisconnectArgs) -> anyhow::Result<ExitCode> {
+    let mut body = serde_json::json!({
+        "user": args.user,
+        "session": args.session,
+        "reason": args.reason,
+        "end_session": args.end_session,
+    });
+    // Without the one not given: the API takes exactly one of them.
+    if let Some(object) = body.as_object_mut() {
+        object.retain(|_, value| !value.is_null());
+    }
+    let key = args.admin.api_key.as_ref().map(|k| k.expose());
+    let (status, answer) = admin_client::request(
+        &args.admin.admin_url,
+        Method::POST,
+        "/v1/disconnect",
+        Some(body.to_string()),
+        key,
+    )
+    .await?;
+    Ok(printed(status, &answer))
 }
 
 /// Prints an answer of the admin API; success when it is 200.

@@ -341,7 +341,7 @@ mod tests {
             }
         }
         assert!(close_codes().contains(&"4030".to_owned()));
-        assert_eq!(close_codes().len(), 13, "every code of shared::CloseCode");
+        assert_eq!(close_codes().len(), 15, "every code of shared::CloseCode");
     }
 
     fn strings(values: &[&str]) -> Vec<String> {

@@ -253,6 +253,37 @@ async fn server_api_on_the_embedded_broker() {
     server_api(&node, &node).await;
 }
 
+/// `gateway history` and `gateway publish --idempotency-key` are clients of the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_publishes_once_and_reads_history() {
+    let node = node(None);
+    let channel = common::channel("api.cli");
+    let gateway = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(args)
+            .arg("--admin-url")
+            .arg(format!("http://{}", node.admin_addr))
+            .env("BGW_API_KEY", KEY)
+            .output()
+            .expect("run gateway");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).expect("a JSON answer")
+    };
+    for _ in 0..2 {
+        let answer = gateway(&["publish", "--idempotency-key", "k1", &channel, "{\"a\":1}"]);
+        assert_eq!(answer["seq"], 1);
+    }
+    gateway(&["publish", &channel, "2"]);
+    let answer = gateway(&["history", "--since", "1", &channel]);
+    assert_eq!(history_seqs(&answer), [2]);
+    assert_eq!(answer["seq"], 2);
+    gateway(&["history", "--remove", &channel]);
+    assert_eq!(
+        history_seqs(&gateway(&["history", &channel])),
+        Vec::<u64>::new()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_api_on_redis_across_nodes() {
     let redis = RedisServer::start(false);
@@ -277,14 +308,12 @@ async fn an_idempotent_retry_after_a_redis_pause_publishes_once() {
     let node = node(Some(&redis.url()));
     let once = common::channel("api.once");
     let twice = common::channel("api.twice");
-    // The node's first publish loads the script; do it before the pause.
-    call(
-        &node,
-        "POST",
-        "/v1/publish",
-        json!({"channel": "warm", "data": 0}),
-    )
-    .await;
+    // Before the pause: the script loaded, and each of the node's shared publish connections
+    // made (a connection made during the pause would time out before sending anything).
+    for n in 0..4 {
+        let warm = json!({"channel": "warm", "data": n});
+        assert_eq!(call(&node, "POST", "/v1/publish", warm).await.0, 200);
+    }
     let info = redis.cli(&["INFO", "server"]).expect("INFO");
     let pid = info
         .lines()

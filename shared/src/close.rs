@@ -14,6 +14,10 @@ pub enum CloseCode {
     Internal = 1011,
     Unauthorized = 4001,
     ProtocolViolation = 4002,
+    /// A back end disconnected the client (admin API): it may reconnect, after a delay.
+    Disconnected = 4003,
+    /// A back end ended the client's access for good (admin API): it should not reconnect.
+    Terminated = 4004,
     HelloTimeout = 4008,
     TakenOver = 4009,
     RateLimited = 4029,
@@ -37,6 +41,8 @@ impl CloseCode {
             Internal,
             Unauthorized,
             ProtocolViolation,
+            Disconnected,
+            Terminated,
             HelloTimeout,
             TakenOver,
             RateLimited,

@@ -4,8 +4,10 @@
 //!
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`, `/v1/stats`;
 //! - [`publish`]: one message, one message to many channels, many messages; idempotent;
-//! - [`history`]: a channel's retained messages, read and removed.
+//! - [`history`]: a channel's retained messages, read and removed;
+//! - [`control`]: disconnect, unsubscribe and subscribe connections on every node.
 
+mod control;
 mod health;
 mod history;
 mod publish;
@@ -62,7 +64,15 @@ pub async fn run(listener: TcpListener, node: Arc<Node>, stop: CancellationToken
 }
 
 /// The server API's routes: each needs the API key.
-const API_PATHS: [&str; 4] = ["/v1/publish", "/v1/broadcast", "/v1/batch", "/v1/history"];
+const API_PATHS: [&str; 7] = [
+    "/v1/publish",
+    "/v1/broadcast",
+    "/v1/batch",
+    "/v1/history",
+    "/v1/disconnect",
+    "/v1/unsubscribe",
+    "/v1/subscribe",
+];
 
 async fn route(req: Request<Incoming>, node: &Node) -> Response<Body> {
     let path = req.uri().path();
@@ -79,6 +89,9 @@ async fn route(req: Request<Incoming>, node: &Node) -> Response<Body> {
         (&Method::POST, "/v1/batch") => publish::batch(req, node).await,
         (&Method::GET, "/v1/history") => history::read(req, node).await,
         (&Method::DELETE, "/v1/history") => history::remove(req, node).await,
+        (&Method::POST, "/v1/disconnect") => control::disconnect(req, node).await,
+        (&Method::POST, "/v1/unsubscribe") => control::unsubscribe(req, node).await,
+        (&Method::POST, "/v1/subscribe") => control::subscribe(req, node).await,
         (_, "/healthz" | "/readyz" | "/metrics" | "/v1/stats") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }

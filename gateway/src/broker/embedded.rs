@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Broker, BrokerError, Delivery, Event, Events, History, HistoryLimits, Owner, Published,
-    SessionRecord, CHANNEL_TTL,
+    Broker, BrokerError, Control, Delivery, Event, Events, History, HistoryLimits, Owner,
+    Published, SessionRecord, CHANNEL_TTL,
 };
 use crate::ids;
 
@@ -39,6 +39,9 @@ struct State {
     sessions: HashMap<String, (SessionRecord, Instant)>,
     /// Idempotent publishes: `(channel, key)` to the first publish's place, until it expires.
     once: HashMap<(Arc<str>, String), (Published, Instant)>,
+    /// Sessions ended by a back end, until they could no longer be saved: none is resumed or
+    /// saved again.
+    ended: HashMap<String, Instant>,
 }
 
 struct ChannelLog {
@@ -116,8 +119,10 @@ impl EmbeddedBroker {
             subscribed,
             sessions,
             once,
+            ended,
         } = &mut *state;
         once.retain(|_, (_, expires)| *expires > now);
+        ended.retain(|_, until| *until > now);
         channels.retain(|name, log| {
             log.trim(limits, now);
             subscribed.contains(name) || now.duration_since(log.used) < CHANNEL_TTL
@@ -170,6 +175,9 @@ impl EmbeddedBroker {
     }
 
     fn live_session(state: &mut State, id: &str, now: Instant) -> Option<SessionRecord> {
+        if state.ended.get(id).is_some_and(|until| *until > now) {
+            return None;
+        }
         match state.sessions.get(id) {
             Some((record, expires)) if *expires > now => Some(record.clone()),
             Some(_) => {
@@ -297,6 +305,13 @@ impl Broker for EmbeddedBroker {
         let now = Instant::now();
         let mut state = self.state.lock();
         for record in records {
+            if state
+                .ended
+                .get(&record.id)
+                .is_some_and(|until| *until > now)
+            {
+                continue;
+            }
             let owned_by_other = Self::live_session(&mut state, &record.id, now)
                 .is_some_and(|stored| stored.owner != record.owner);
             if !owned_by_other {
@@ -320,6 +335,20 @@ impl Broker for EmbeddedBroker {
                 .await
                 .map_err(|_| BrokerError::Internal("node stopped".into()))?;
         }
+        Ok(())
+    }
+
+    async fn control(&self, control: &Control) -> Result<(), BrokerError> {
+        self.events
+            .send(Event::Control(control.clone()))
+            .await
+            .map_err(|_| BrokerError::Internal("node stopped".into()))
+    }
+
+    async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
+        let mut state = self.state.lock();
+        state.sessions.remove(id);
+        state.ended.insert(id.to_owned(), Instant::now() + ttl);
         Ok(())
     }
 

@@ -123,6 +123,47 @@ pub enum Event {
     },
     /// The link to the broker was down and is back: pushes may have been lost meanwhile.
     Resync,
+    /// A back end acts on connections of every node (admin API): see [`crate::control`].
+    Control(Control),
+}
+
+/// What a back end asks every node to do to the connections of a user or of one session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Control {
+    /// Close the connections with `close`; with `end_session`, their sessions cannot be resumed.
+    Disconnect {
+        target: Target,
+        close: Disconnect,
+        end_session: bool,
+    },
+    /// Leave the channel; the client gets `unsubscribed` without an `id`.
+    Unsubscribe { target: Target, channel: String },
+    /// Join the channel (a server-side subscription); the client gets `subscribed` without an
+    /// `id`.
+    Subscribe { target: Target, channel: String },
+}
+
+/// Whose connections a [`Control`] acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// Every connection whose token's `sub` is this.
+    User(String),
+    /// The connection that holds this session.
+    Session(String),
+}
+
+/// The closes a back end may choose from (PROTOCOL.md, section 9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Disconnect {
+    /// 4003 `disconnected`: the client may reconnect after a delay.
+    Disconnect,
+    /// 4001 `access revoked`: the client needs a new token.
+    Revoked,
+    /// 4004 `terminated`: the client should not reconnect.
+    Terminate,
 }
 
 /// Where a node learns of the broker's events. Bounded: a slow node slows its broker link.
@@ -238,6 +279,14 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Tells the owner's node that its connection lost the session to another one.
     async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError>;
+
+    /// Hands `control` to every node that shares the broker, this one included, as
+    /// [`Event::Control`]. At most once: a node whose link is down at that moment misses it.
+    async fn control(&self, control: &Control) -> Result<(), BrokerError>;
+
+    /// Ends the session for good: it cannot be resumed, and saves of it are refused, for `ttl`
+    /// (as long as a save could come: the session's TTL).
+    async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError>;
 
     /// Whether the broker answers now.
     async fn ping(&self) -> Result<(), BrokerError>;

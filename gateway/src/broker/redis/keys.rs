@@ -14,11 +14,16 @@
 //! - `bgw:session:{id}`: a hash with `record` (JSON) and `owner` (JSON), expiring after the
 //!   session TTL.
 //! - `bgw:node:{node}`: a node's control topic, for session takeovers.
+//! - `bgw:control`: the topic every node subscribes to, for what back ends ask of connections
+//!   anywhere (disconnect, unsubscribe, subscribe): a JSON [`Control`].
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::broker::{Delivery, Event};
+use crate::broker::{Control, Delivery, Event};
+
+/// The topic of [`Control`]s, which every node subscribes to.
+pub const CONTROL_TOPIC: &str = "bgw:control";
 
 /// The keys of a channel, in the order the scripts take them.
 pub fn channel_keys(channel: &str) -> [String; 4] {
@@ -58,6 +63,10 @@ pub struct TakeoverNotice {
 /// The event a pub/sub message stands for; `None` for a malformed one.
 pub fn parse_push(topic: &[u8], payload: &[u8]) -> Option<Event> {
     let topic = std::str::from_utf8(topic).ok()?;
+    if topic == CONTROL_TOPIC {
+        let control: Control = serde_json::from_slice(payload).ok()?;
+        return Some(Event::Control(control));
+    }
     if topic.starts_with("bgw:node:") {
         let notice: TakeoverNotice = serde_json::from_slice(payload).ok()?;
         return Some(Event::TakenOver {
@@ -96,6 +105,14 @@ mod tests {
             parse_push(b"bgw:node:{n1}", br#"{"session":"s","conn":3}"#),
             Some(Event::TakenOver { conn: 3, .. })
         ));
+        assert!(matches!(
+            parse_push(
+                b"bgw:control",
+                br#"{"op":"unsubscribe","target":{"user":"alice"},"channel":"news"}"#
+            ),
+            Some(Event::Control(Control::Unsubscribe { .. }))
+        ));
+        assert!(parse_push(b"bgw:control", b"{}").is_none());
         assert!(parse_push(b"bgw:{news}:msg", b"x:ab:1").is_none());
         assert!(parse_push(b"other", b"1:a:1").is_none());
     }

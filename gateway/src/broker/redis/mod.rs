@@ -29,12 +29,13 @@ use tokio_util::sync::CancellationToken;
 
 use self::keys::{
     channel_keys, channel_topic, control_topic, once_key, session_key, TakeoverNotice,
+    CONTROL_TOPIC,
 };
 use self::link::{Link, LinkState};
 use self::scripts::Scripts;
 use self::target::{Target, TlsFiles};
 use super::{
-    Broker, BrokerError, Events, History, HistoryLimits, Owner, Published, SessionRecord,
+    Broker, BrokerError, Control, Events, History, HistoryLimits, Owner, Published, SessionRecord,
     SetupError, CHANNEL_TTL,
 };
 use crate::config::Config;
@@ -458,6 +459,21 @@ impl Broker for RedisBroker {
         })?;
         let mut cmd = redis::cmd(self.publish_command());
         cmd.arg(control_topic(&previous.node)).arg(notice);
+        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+    }
+
+    async fn control(&self, control: &Control) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd(self.publish_command());
+        cmd.arg(CONTROL_TOPIC).arg(to_json(control)?);
+        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+    }
+
+    async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts::END)
+            .arg(1)
+            .arg(session_key(id))
+            .arg(millis(ttl));
         self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
     }
 

@@ -95,6 +95,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
+/// KEYS: session. ARGV: TTL (ms). Ends the session: no record to resume, and an owner no
+/// connection has, so that every later save of it is refused.
+pub const END: &str = r"
+redis.call('HDEL', KEYS[1], 'record')
+redis.call('HSET', KEYS[1], 'owner', 'ended')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+";
+
 pub struct Scripts {
     pub publish: Script,
     pub history: Script,
