@@ -35,6 +35,9 @@ pub enum Command {
     /// Close every connection of a user, or one session's, on every node, through a node's
     /// admin API.
     Disconnect(DisconnectArgs),
+    /// List the channels that have subscribers anywhere in the cluster, with their counts,
+    /// through a node's admin API.
+    Channels(ChannelsArgs),
 }
 
 /// A node's configuration.
@@ -158,6 +161,12 @@ pub struct Config {
     #[arg(long, env = "BGW_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = duration)]
     pub idempotency_window: Duration,
 
+    /// How often the node reports its channels' subscriber counts to the broker, for the
+    /// cluster's channel list (`GET /v1/channels`). A report lives three intervals: a node that
+    /// dies drops out of the list within that.
+    #[arg(long, env = "BGW_NODE_REPORT_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub node_report_interval: Duration,
+
     /// Frames per second a client may send (with a burst of as many); more closes with 4029.
     /// Subscribing, publishing and pinging take a few frames a second.
     #[arg(long, env = "BGW_CLIENT_RATE", default_value_t = 50)]
@@ -212,6 +221,9 @@ impl Config {
         }
         if self.history_size == 0 {
             return Err("--history-size must be above zero".into());
+        }
+        if self.node_report_interval < Duration::from_millis(100) {
+            return Err("--node-report-interval must be at least 100ms".into());
         }
         if self.session_ttl < Duration::from_secs(1) {
             return Err("--session-ttl must be at least 1s".into());
@@ -283,6 +295,18 @@ pub struct DisconnectArgs {
     /// End the sessions too, so that they cannot be resumed.
     #[arg(long)]
     pub end_session: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChannelsArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Only channels that match: a name, or a prefix and `*` (`room.*`).
+    #[arg(long)]
+    pub pattern: Option<String>,
+    /// At most this many channels, the busiest first (1 to 10000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
 }
 
 #[derive(Debug, Args)]

@@ -116,6 +116,19 @@ impl Hub {
         }
     }
 
+    /// Local subscribers of each channel that has any, for the cluster's channel list.
+    pub fn channel_counts(&self) -> Vec<(Arc<str>, u64)> {
+        self.channels
+            .lock()
+            .iter()
+            .map(|(name, entry)| {
+                let count = entry.subscribers.iter().map(|&n| u64::from(n)).sum();
+                (name.clone(), count)
+            })
+            .filter(|(_, count)| *count > 0)
+            .collect()
+    }
+
     /// How many channels have local subscribers.
     pub fn channel_count(&self) -> usize {
         self.channels.lock().len()

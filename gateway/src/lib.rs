@@ -15,6 +15,7 @@ pub mod admin;
 pub mod admin_client;
 pub mod auth;
 pub mod broker;
+pub mod channels;
 pub mod config;
 pub mod connection;
 pub mod control;
@@ -74,6 +75,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn(node.hub.clone().run(events, node.sessions.clone()));
     tokio::spawn(node.sessions.clone().run_saver(background.clone()));
     tokio::spawn(admin::run(admin, node.clone(), background.clone()));
+    tokio::spawn(channels::run_reporter(node.clone(), background.clone()));
     tokio::spawn(listener::run(
         client,
         node.clone(),

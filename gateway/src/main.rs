@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             Some(Command::Health(args)) => health(&args.admin_url).await,
             Some(Command::History(args)) => history(args).await,
             Some(Command::Disconnect(args)) => disconnect(args).await,
+            Some(Command::Channels(args)) => channels(args).await,
         }
     });
     match result {
@@ -120,6 +121,18 @@ async fn disconnect(args: gateway::config::DisconnectArgs) -> anyhow::Result<Exi
     )
     .await?;
     Ok(printed(status, &answer))
+}
+
+async fn channels(args: gateway::config::ChannelsArgs) -> anyhow::Result<ExitCode> {
+    let mut path = format!("/v1/channels?limit={}", args.limit);
+    if let Some(pattern) = &args.pattern {
+        let pattern: String = form_urlencoded::byte_serialize(pattern.as_bytes()).collect();
+        path.push_str(&format!("&pattern={pattern}"));
+    }
+    let key = args.admin.api_key.as_ref().map(|k| k.expose());
+    let (status, body) =
+        admin_client::request(&args.admin.admin_url, Method::GET, &path, None, key).await?;
+    Ok(printed(status, &body))
 }
 
 /// Prints an answer of the admin API; success when it is 200.

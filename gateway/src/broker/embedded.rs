@@ -42,6 +42,8 @@ struct State {
     /// Sessions ended by a back end, until they could no longer be saved: none is resumed or
     /// saved again.
     ended: HashMap<String, Instant>,
+    /// The node's last report of its channels, and when it expires.
+    reported: (Vec<(Arc<str>, u64)>, Option<Instant>),
 }
 
 struct ChannelLog {
@@ -120,6 +122,7 @@ impl EmbeddedBroker {
             sessions,
             once,
             ended,
+            ..
         } = &mut *state;
         once.retain(|_, (_, expires)| *expires > now);
         ended.retain(|_, until| *until > now);
@@ -350,6 +353,24 @@ impl Broker for EmbeddedBroker {
         state.sessions.remove(id);
         state.ended.insert(id.to_owned(), Instant::now() + ttl);
         Ok(())
+    }
+
+    async fn report_channels(
+        &self,
+        counts: &[(Arc<str>, u64)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        self.state.lock().reported = (counts.to_vec(), Some(Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError> {
+        let state = self.state.lock();
+        let (counts, expires) = &state.reported;
+        if expires.is_none_or(|at| at <= Instant::now()) {
+            return Ok(Vec::new());
+        }
+        Ok(counts.iter().map(|(c, n)| (c.to_string(), *n)).collect())
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

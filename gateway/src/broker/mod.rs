@@ -288,6 +288,17 @@ pub trait Broker: Send + Sync + 'static {
     /// (as long as a save could come: the session's TTL).
     async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError>;
 
+    /// Replaces this node's report of its channels' local subscriber counts; the report expires
+    /// after `ttl` unless made again, so that a dead node's counts vanish.
+    async fn report_channels(
+        &self,
+        counts: &[(Arc<str>, u64)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError>;
+
+    /// Every channel with subscribers in a live report of any node, with the counts summed.
+    async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError>;
+
     /// Whether the broker answers now.
     async fn ping(&self) -> Result<(), BrokerError>;
 

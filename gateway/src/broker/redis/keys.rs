@@ -14,6 +14,9 @@
 //! - `bgw:session:{id}`: a hash with `record` (JSON) and `owner` (JSON), expiring after the
 //!   session TTL.
 //! - `bgw:node:{node}`: a node's control topic, for session takeovers.
+//! - `bgw:nodes`: a sorted set of node ids, scored by when their last report expires (ms since
+//!   the epoch); `bgw:channels:{node}`: a hash of the node's channels and their local subscriber
+//!   counts, replaced at each report and expiring with it.
 //! - `bgw:control`: the topic every node subscribes to, for what back ends ask of connections
 //!   anywhere (disconnect, unsubscribe, subscribe): a JSON [`Control`].
 
@@ -47,6 +50,18 @@ pub fn channel_topic(channel: &str) -> String {
 
 pub fn control_topic(node: &str) -> String {
     format!("bgw:node:{{{node}}}")
+}
+
+/// The set of nodes that report their channels.
+pub const NODES_KEY: &str = "bgw:nodes";
+
+/// A node's report of its channels; the next one is written beside it and renamed over it (the
+/// same hash tag keeps both on one shard).
+pub fn node_channels_keys(node: &str) -> [String; 2] {
+    [
+        format!("bgw:channels:{{{node}}}"),
+        format!("bgw:channels:{{{node}}}:next"),
+    ]
 }
 
 pub fn session_key(id: &str) -> String {

@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use self::keys::{
-    channel_keys, channel_topic, control_topic, once_key, session_key, TakeoverNotice,
-    CONTROL_TOPIC,
+    channel_keys, channel_topic, control_topic, node_channels_keys, once_key, session_key,
+    TakeoverNotice, CONTROL_TOPIC, NODES_KEY,
 };
 use self::link::{Link, LinkState};
 use self::scripts::Scripts;
@@ -94,6 +94,8 @@ impl Settings {
 }
 
 pub struct RedisBroker {
+    /// This node's id: the key of its channel reports.
+    node: String,
     history: HistoryLimits,
     target: Arc<Target>,
     link: Arc<LinkState>,
@@ -119,13 +121,14 @@ impl RedisBroker {
         let link = Link {
             target: target.clone(),
             state: state.clone(),
-            node,
+            node: node.clone(),
             events,
             metrics,
         };
         tokio::spawn(link.run(stop, first_attempt));
         let _ = first_attempt_over.await;
         let broker = Arc::new(Self {
+            node,
             history: settings.history,
             target,
             commands: pool::new(state.clone()),
@@ -298,6 +301,11 @@ fn pool_error(e: deadpool::managed::PoolError<RedisError>) -> BrokerError {
 
 fn protocol(what: &str) -> BrokerError {
     BrokerError::Protocol(what.to_owned())
+}
+
+fn now_millis() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| d.as_millis() as u64)
 }
 
 fn millis(d: Duration) -> u64 {
@@ -475,6 +483,70 @@ impl Broker for RedisBroker {
             .arg(session_key(id))
             .arg(millis(ttl));
         self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+    }
+
+    async fn report_channels(
+        &self,
+        counts: &[(Arc<str>, u64)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let [key, next] = node_channels_keys(&self.node);
+        let expires = now_millis() + millis(ttl);
+        let mut commands = Vec::new();
+        if counts.is_empty() {
+            commands.push(redis::cmd("DEL").arg(&key).to_owned());
+        } else {
+            commands.push(redis::cmd("DEL").arg(&next).to_owned());
+            for chunk in counts.chunks(SAVE_BATCH) {
+                let mut hset = redis::cmd("HSET");
+                hset.arg(&next);
+                for (channel, count) in chunk {
+                    hset.arg(&**channel).arg(*count);
+                }
+                commands.push(hset);
+            }
+            commands.push(redis::cmd("RENAME").arg(&next).arg(&key).to_owned());
+            commands.push(redis::cmd("PEXPIRE").arg(&key).arg(millis(ttl)).to_owned());
+        }
+        // Nodes whose reports expired long ago leave the set; a dead node's stays a while
+        // (harmless: its hash is gone).
+        commands.push(
+            redis::cmd("ZREMRANGEBYSCORE")
+                .arg(NODES_KEY)
+                .arg("-inf")
+                .arg(now_millis().saturating_sub(millis(ttl) * 10))
+                .to_owned(),
+        );
+        commands.push(
+            redis::cmd("ZADD")
+                .arg(NODES_KEY)
+                .arg(expires)
+                .arg(&self.node)
+                .to_owned(),
+        );
+        // One command at a time: on a cluster the keys live on different shards.
+        for cmd in commands {
+            self.query::<Value>(Request::Cmd(cmd)).await?;
+        }
+        Ok(())
+    }
+
+    async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError> {
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(NODES_KEY).arg(now_millis()).arg("+inf");
+        let nodes: Vec<String> = self.query(Request::Cmd(cmd)).await?;
+        let mut totals: std::collections::HashMap<String, u64> = Default::default();
+        for node in nodes {
+            let [key, _] = node_channels_keys(&node);
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(key);
+            let counts: std::collections::HashMap<String, u64> =
+                self.query(Request::Cmd(cmd)).await?;
+            for (channel, count) in counts {
+                *totals.entry(channel).or_default() += count;
+            }
+        }
+        Ok(totals.into_iter().collect())
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
