@@ -1,7 +1,8 @@
 //! The node's report of its channels: every `--node-report-interval`, the local subscriber
 //! count of each channel that has any goes to the broker, which keeps it for three intervals.
 //! `GET /v1/channels` sums the live reports of every node; a node that stops reporting (killed,
-//! partitioned) drops out when its report expires.
+//! partitioned) drops out when its report expires. The same loop refreshes the slots of the
+//! node's connections for `--max-connections-per-user` ([`crate::user_limit`]).
 
 use std::sync::Arc;
 
@@ -26,6 +27,10 @@ pub async fn run_reporter(node: Arc<Node>, stop: CancellationToken) {
         let counts = node.hub.channel_counts();
         if let Err(e) = node.broker.report_channels(&counts, interval * 3).await {
             debug!(error = %e, "reporting channels failed");
+        }
+        let live = node.sessions.live();
+        if let Err(e) = node.user_connections.refresh(&live).await {
+            debug!(error = %e, "refreshing the users' connection slots failed");
         }
     }
 }

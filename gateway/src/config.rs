@@ -167,6 +167,11 @@ pub struct Config {
     #[arg(long, env = "BGW_NODE_REPORT_INTERVAL", default_value = "5s", value_parser = duration)]
     pub node_report_interval: Duration,
 
+    /// Most connections one user (a token's `sub`) may hold at once across the cluster; more
+    /// are closed with 4013 at `hello`. Absent: no limit. Anonymous connections are not counted.
+    #[arg(long, env = "BGW_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<usize>,
+
     /// Frames per second a client may send (with a burst of as many); more closes with 4029.
     /// Subscribing, publishing and pinging take a few frames a second.
     #[arg(long, env = "BGW_CLIENT_RATE", default_value_t = 50)]
@@ -221,6 +226,9 @@ impl Config {
         }
         if self.history_size == 0 {
             return Err("--history-size must be above zero".into());
+        }
+        if self.max_connections_per_user == Some(0) {
+            return Err("--max-connections-per-user must be above zero".into());
         }
         if self.node_report_interval < Duration::from_millis(100) {
             return Err("--node-report-interval must be at least 100ms".into());

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod node;
 pub mod session;
 pub mod shutdown;
+pub mod user_limit;
 pub mod wire;
 
 use std::sync::Arc;

@@ -19,6 +19,8 @@ pub enum CloseCode {
     /// A back end ended the client's access for good (admin API): it should not reconnect.
     Terminated = 4004,
     HelloTimeout = 4008,
+    /// The user holds `--max-connections-per-user` connections already, across the cluster.
+    TooManyConnections = 4013,
     TakenOver = 4009,
     RateLimited = 4029,
     SlowConsumer = 4030,
@@ -44,6 +46,7 @@ impl CloseCode {
             Disconnected,
             Terminated,
             HelloTimeout,
+            TooManyConnections,
             TakenOver,
             RateLimited,
             SlowConsumer,

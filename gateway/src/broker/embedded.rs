@@ -44,6 +44,8 @@ struct State {
     ended: HashMap<String, Instant>,
     /// The node's last report of its channels, and when it expires.
     reported: (Vec<(Arc<str>, u64)>, Option<Instant>),
+    /// Each user's connections, and when each expires unless refreshed.
+    user_connections: HashMap<String, HashMap<String, Instant>>,
 }
 
 struct ChannelLog {
@@ -122,10 +124,15 @@ impl EmbeddedBroker {
             sessions,
             once,
             ended,
+            user_connections,
             ..
         } = &mut *state;
         once.retain(|_, (_, expires)| *expires > now);
         ended.retain(|_, until| *until > now);
+        user_connections.retain(|_, members| {
+            members.retain(|_, until| *until > now);
+            !members.is_empty()
+        });
         channels.retain(|name, log| {
             log.trim(limits, now);
             subscribed.contains(name) || now.duration_since(log.used) < CHANNEL_TTL
@@ -371,6 +378,54 @@ impl Broker for EmbeddedBroker {
             return Ok(Vec::new());
         }
         Ok(counts.iter().map(|(c, n)| (c.to_string(), *n)).collect())
+    }
+
+    async fn acquire_connection(
+        &self,
+        user: &str,
+        member: &str,
+        limit: usize,
+        ttl: Duration,
+    ) -> Result<bool, BrokerError> {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let members = state.user_connections.entry(user.to_owned()).or_default();
+        members.retain(|_, until| *until > now);
+        if members.len() >= limit {
+            return Ok(false);
+        }
+        members.insert(member.to_owned(), now + ttl);
+        Ok(true)
+    }
+
+    async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError> {
+        let mut state = self.state.lock();
+        if let Some(members) = state.user_connections.get_mut(user) {
+            members.remove(member);
+            if members.is_empty() {
+                state.user_connections.remove(user);
+            }
+        }
+        Ok(())
+    }
+
+    async fn refresh_connections(
+        &self,
+        slots: &[(String, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let until = Instant::now() + ttl;
+        let mut state = self.state.lock();
+        for (user, member) in slots {
+            if let Some(held) = state
+                .user_connections
+                .get_mut(user)
+                .and_then(|members| members.get_mut(member))
+            {
+                *held = until;
+            }
+        }
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

@@ -299,6 +299,28 @@ pub trait Broker: Send + Sync + 'static {
     /// Every channel with subscribers in a live report of any node, with the counts summed.
     async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError>;
 
+    /// Adds `member` (a node's connection) to the connections of `user` unless the user has
+    /// `limit` unexpired ones already; `false` then. The member expires after `ttl` unless
+    /// refreshed.
+    async fn acquire_connection(
+        &self,
+        user: &str,
+        member: &str,
+        limit: usize,
+        ttl: Duration,
+    ) -> Result<bool, BrokerError>;
+
+    /// Removes `member` from the connections of `user`.
+    async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError>;
+
+    /// Pushes back the expiry of each `(user, member)` that is still held (a released one is
+    /// not taken again).
+    async fn refresh_connections(
+        &self,
+        slots: &[(String, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError>;
+
     /// Whether the broker answers now.
     async fn ping(&self) -> Result<(), BrokerError>;
 

@@ -17,6 +17,9 @@
 //! - `bgw:nodes`: a sorted set of node ids, scored by when their last report expires (ms since
 //!   the epoch); `bgw:channels:{node}`: a hash of the node's channels and their local subscriber
 //!   counts, replaced at each report and expiring with it.
+//! - `bgw:user:{sub}:conns`: a sorted set of a user's connections (`<node>/<conn>`), scored
+//!   by when each expires unless refreshed (ms since the epoch), for
+//!   `--max-connections-per-user`.
 //! - `bgw:control`: the topic every node subscribes to, for what back ends ask of connections
 //!   anywhere (disconnect, unsubscribe, subscribe): a JSON [`Control`].
 
@@ -62,6 +65,10 @@ pub fn node_channels_keys(node: &str) -> [String; 2] {
         format!("bgw:channels:{{{node}}}"),
         format!("bgw:channels:{{{node}}}:next"),
     ]
+}
+
+pub fn user_connections_key(user: &str) -> String {
+    format!("bgw:user:{{{user}}}:conns")
 }
 
 pub fn session_key(id: &str) -> String {

@@ -104,6 +104,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 ";
 
+/// KEYS: the user's connections. ARGV: now (ms), limit, expiry (ms since the epoch), member,
+/// TTL (ms). Returns 1 when the member was added, 0 when the user has the limit.
+pub const ACQUIRE: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+";
+
 pub struct Scripts {
     pub publish: Script,
     pub history: Script,
