@@ -38,6 +38,8 @@ pub enum Command {
     /// List the channels that have subscribers anywhere in the cluster, with their counts,
     /// through a node's admin API.
     Channels(ChannelsArgs),
+    /// Print who is subscribed to a presence channel, and how many, through a node's admin API.
+    Presence(PresenceArgs),
 }
 
 /// A node's configuration.
@@ -171,6 +173,16 @@ pub struct Config {
     /// are closed with 4013 at `hello`. Absent: no limit. Anonymous connections are not counted.
     #[arg(long, env = "BGW_MAX_CONNECTIONS_PER_USER")]
     pub max_connections_per_user: Option<usize>,
+
+    /// Channels that keep presence (who is subscribed, `GET /v1/presence`), comma-separated
+    /// names or prefixes and `*` (`room.*`). Absent: none, and no presence work at all.
+    #[arg(long, env = "BGW_PRESENCE", value_delimiter = ',')]
+    pub presence: Vec<String>,
+
+    /// Most members one presence answer lists (its count counts them all): a 20,000-member
+    /// channel answers with a page, not a megabyte.
+    #[arg(long, env = "BGW_PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
+    pub presence_max_members: usize,
 
     /// Frames per second a client may send (with a burst of as many); more closes with 4029.
     /// Subscribing, publishing and pinging take a few frames a second.
@@ -315,6 +327,17 @@ pub struct ChannelsArgs {
     /// At most this many channels, the busiest first (1 to 10000).
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct PresenceArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// The channel (one that matches the node's --presence).
+    pub channel: String,
+    /// At most this many members (0: only the count).
+    #[arg(long)]
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Args)]

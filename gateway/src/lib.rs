@@ -26,6 +26,7 @@ pub mod ids;
 pub mod listener;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod session;
 pub mod shutdown;
 pub mod user_limit;

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
             Some(Command::History(args)) => history(args).await,
             Some(Command::Disconnect(args)) => disconnect(args).await,
             Some(Command::Channels(args)) => channels(args).await,
+            Some(Command::Presence(args)) => presence(args).await,
         }
     });
     match result {
@@ -128,6 +129,18 @@ async fn channels(args: gateway::config::ChannelsArgs) -> anyhow::Result<ExitCod
     if let Some(pattern) = &args.pattern {
         let pattern: String = form_urlencoded::byte_serialize(pattern.as_bytes()).collect();
         path.push_str(&format!("&pattern={pattern}"));
+    }
+    let key = args.admin.api_key.as_ref().map(|k| k.expose());
+    let (status, body) =
+        admin_client::request(&args.admin.admin_url, Method::GET, &path, None, key).await?;
+    Ok(printed(status, &body))
+}
+
+async fn presence(args: gateway::config::PresenceArgs) -> anyhow::Result<ExitCode> {
+    let channel: String = form_urlencoded::byte_serialize(args.channel.as_bytes()).collect();
+    let mut path = format!("/v1/presence?channel={channel}");
+    if let Some(limit) = args.limit {
+        path.push_str(&format!("&limit={limit}"));
     }
     let key = args.admin.api_key.as_ref().map(|k| k.expose());
     let (status, body) =

@@ -6,12 +6,14 @@
 //! - [`publish`]: one message, one message to many channels, many messages; idempotent;
 //! - [`history`]: a channel's retained messages, read and removed;
 //! - [`control`]: disconnect, unsubscribe and subscribe connections on every node;
-//! - [`channels`]: the channels that have subscribers anywhere, with their counts.
+//! - [`channels`]: the channels that have subscribers anywhere, with their counts;
+//! - [`presence`]: who is subscribed to a presence channel.
 
 mod channels;
 mod control;
 mod health;
 mod history;
+mod presence;
 mod publish;
 
 use std::convert::Infallible;
@@ -66,8 +68,9 @@ pub async fn run(listener: TcpListener, node: Arc<Node>, stop: CancellationToken
 }
 
 /// The server API's routes: each needs the API key.
-const API_PATHS: [&str; 8] = [
+const API_PATHS: [&str; 9] = [
     "/v1/channels",
+    "/v1/presence",
     "/v1/publish",
     "/v1/broadcast",
     "/v1/batch",
@@ -93,6 +96,7 @@ async fn route(req: Request<Incoming>, node: &Node) -> Response<Body> {
         (&Method::GET, "/v1/history") => history::read(req, node).await,
         (&Method::DELETE, "/v1/history") => history::remove(req, node).await,
         (&Method::GET, "/v1/channels") => channels::list(req, node).await,
+        (&Method::GET, "/v1/presence") => presence::read(req, node).await,
         (&Method::POST, "/v1/disconnect") => control::disconnect(req, node).await,
         (&Method::POST, "/v1/unsubscribe") => control::unsubscribe(req, node).await,
         (&Method::POST, "/v1/subscribe") => control::subscribe(req, node).await,

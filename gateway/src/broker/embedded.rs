@@ -16,6 +16,7 @@ use super::{
     Published, SessionRecord, CHANNEL_TTL,
 };
 use crate::ids;
+use crate::presence::Member;
 
 /// How many events may wait for the hub before publishers wait: enough to absorb a burst while
 /// the hub fans out one message to many subscribers.
@@ -46,6 +47,8 @@ struct State {
     reported: (Vec<(Arc<str>, u64)>, Option<Instant>),
     /// Each user's connections, and when each expires unless refreshed.
     user_connections: HashMap<String, HashMap<String, Instant>>,
+    /// Members of presence channels, by channel and session, each with its expiry.
+    presence: HashMap<Arc<str>, HashMap<String, (Member, Instant)>>,
 }
 
 struct ChannelLog {
@@ -125,12 +128,17 @@ impl EmbeddedBroker {
             once,
             ended,
             user_connections,
+            presence,
             ..
         } = &mut *state;
         once.retain(|_, (_, expires)| *expires > now);
         ended.retain(|_, until| *until > now);
         user_connections.retain(|_, members| {
             members.retain(|_, until| *until > now);
+            !members.is_empty()
+        });
+        presence.retain(|_, members| {
+            members.retain(|_, (_, until)| *until > now);
             !members.is_empty()
         });
         channels.retain(|name, log| {
@@ -426,6 +434,51 @@ impl Broker for EmbeddedBroker {
             }
         }
         Ok(())
+    }
+
+    async fn report_presence(
+        &self,
+        members: &[(Arc<str>, Member)],
+        left: &[(Arc<str>, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let until = Instant::now() + ttl;
+        let mut state = self.state.lock();
+        for (channel, session) in left {
+            if let Some(members) = state.presence.get_mut(channel) {
+                members.remove(session);
+            }
+        }
+        for (channel, member) in members {
+            state
+                .presence
+                .entry(channel.clone())
+                .or_default()
+                .insert(member.session.clone(), (member.clone(), until));
+        }
+        Ok(())
+    }
+
+    async fn presence(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<(u64, Vec<Member>), BrokerError> {
+        let now = Instant::now();
+        let state = self.state.lock();
+        let mut members: Vec<Member> = state
+            .presence
+            .get(channel)
+            .into_iter()
+            .flat_map(|members| members.values())
+            .filter(|(_, until)| *until > now)
+            .map(|(member, _)| member.clone())
+            .collect();
+        // As on Redis, in no order the caller may rely on; sorted here for stable answers.
+        members.sort_by(|a, b| a.session.cmp(&b.session));
+        let count = members.len() as u64;
+        members.truncate(limit);
+        Ok((count, members))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::presence::Member;
 
 /// How long a channel's seq and epoch outlive its last publish or read, in either broker. Much
 /// longer than any history or session, so that a client's position stays comparable while it
@@ -320,6 +321,22 @@ pub trait Broker: Send + Sync + 'static {
         slots: &[(String, String)],
         ttl: Duration,
     ) -> Result<(), BrokerError>;
+
+    /// Stores this node's members of presence channels (each expiring after `ttl` unless
+    /// reported again) and removes those that left.
+    async fn report_presence(
+        &self,
+        members: &[(Arc<str>, Member)],
+        left: &[(Arc<str>, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError>;
+
+    /// The channel's unexpired members, at most `limit` of them, and how many there are.
+    async fn presence(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<(u64, Vec<Member>), BrokerError>;
 
     /// Whether the broker answers now.
     async fn ping(&self) -> Result<(), BrokerError>;

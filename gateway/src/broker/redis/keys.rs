@@ -10,6 +10,9 @@
 //! - `bgw:{ch}:line` (behind Sentinel only): the replication id of the master that numbered
 //!   the channel's last message; see `scripts.rs`.
 //! - `bgw:{ch}:once:<key>`: an idempotent publish's `<seq>:<epoch>`, for its window.
+//! - `bgw:{ch}:presence`: a sorted set of the sessions subscribed to a presence channel, scored
+//!   by when each expires unless reported again (ms since the epoch); `bgw:{ch}:presence:who`:
+//!   a hash of their records (JSON).
 //! - `bgw:{ch}:msg`: the pub/sub topic, payload `<seq>:<epoch>:<data>`.
 //! - `bgw:session:{id}`: a hash with `record` (JSON) and `owner` (JSON), expiring after the
 //!   session TTL.
@@ -45,6 +48,13 @@ pub fn channel_keys(channel: &str) -> [String; 4] {
 /// and publishes.
 pub fn once_key(channel: &str, key: &str) -> String {
     format!("bgw:{{{channel}}}:once:{key}")
+}
+
+pub fn presence_keys(channel: &str) -> [String; 2] {
+    [
+        format!("bgw:{{{channel}}}:presence"),
+        format!("bgw:{{{channel}}}:presence:who"),
+    ]
 }
 
 pub fn channel_topic(channel: &str) -> String {

@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use self::keys::{
-    channel_keys, channel_topic, control_topic, node_channels_keys, once_key, session_key,
-    user_connections_key, TakeoverNotice, CONTROL_TOPIC, NODES_KEY,
+    channel_keys, channel_topic, control_topic, node_channels_keys, once_key, presence_keys,
+    session_key, user_connections_key, TakeoverNotice, CONTROL_TOPIC, NODES_KEY,
 };
 use self::link::{Link, LinkState};
 use self::scripts::Scripts;
@@ -41,6 +41,7 @@ use super::{
 use crate::config::Config;
 use crate::ids;
 use crate::metrics::Metrics;
+use crate::presence::Member;
 
 pub use self::target::redact;
 
@@ -600,6 +601,72 @@ impl Broker for RedisBroker {
             }
         }
         Ok(())
+    }
+
+    async fn report_presence(
+        &self,
+        members: &[(Arc<str>, Member)],
+        left: &[(Arc<str>, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let expiry = now_millis() + millis(ttl);
+        let script = |source: &str, channel: &str| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(source).arg(2);
+            for key in presence_keys(channel) {
+                cmd.arg(key);
+            }
+            cmd
+        };
+        let mut commands = Vec::with_capacity(members.len() + left.len());
+        for (channel, session) in left {
+            let mut cmd = script(scripts::PRESENCE_REMOVE, channel);
+            cmd.arg(session);
+            commands.push(cmd);
+        }
+        for (channel, member) in members {
+            let mut cmd = script(scripts::PRESENCE_ADD, channel);
+            cmd.arg(expiry)
+                .arg(&member.session)
+                .arg(to_json(member)?)
+                .arg(millis(ttl));
+            commands.push(cmd);
+        }
+        // Concurrent, pipelined on the shared connections (and routed per shard on a cluster).
+        for chunk in commands.chunks(SAVE_BATCH) {
+            let calls = chunk
+                .iter()
+                .map(|cmd| self.query_shared::<i64>(Request::Cmd(cmd.clone())));
+            for result in futures_util::future::join_all(calls).await {
+                result?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn presence(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<(u64, Vec<Member>), BrokerError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts::PRESENCE_READ).arg(2);
+        for key in presence_keys(channel) {
+            cmd.arg(key);
+        }
+        cmd.arg(now_millis()).arg(limit);
+        let reply: Vec<Value> = self.query(Request::Cmd(cmd)).await?;
+        let mut values = reply.into_iter();
+        let count: u64 = values
+            .next()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .ok_or_else(|| protocol("malformed presence reply"))?;
+        let mut members: Vec<Member> = values
+            .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+            .filter_map(|record| serde_json::from_str(&record).ok())
+            .collect();
+        members.sort_by(|a, b| a.session.cmp(&b.session));
+        Ok((count, members))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

@@ -114,6 +114,41 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 ";
 
+/// KEYS: the channel's presence set, its member records. ARGV: expiry (ms since the epoch),
+/// session, record (JSON), TTL (ms).
+pub const PRESENCE_ADD: &str = r"
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+";
+
+/// KEYS: as [`PRESENCE_ADD`]. ARGV: session.
+pub const PRESENCE_REMOVE: &str = r"
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+";
+
+/// KEYS: as [`PRESENCE_ADD`]. ARGV: now (ms since the epoch), limit. Drops expired members
+/// (a dead node's), then returns {count, record, record, ...} with at most `limit` records.
+pub const PRESENCE_READ: &str = r"
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+local out = {redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[1], '+inf')}
+local sessions = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
+if #sessions > 0 then
+  for _, record in ipairs(redis.call('HMGET', KEYS[2], unpack(sessions))) do
+    if record then table.insert(out, record) end
+  end
+end
+return out
+";
+
 pub struct Scripts {
     pub publish: Script,
     pub history: Script,
