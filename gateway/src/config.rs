@@ -29,6 +29,17 @@ pub enum Command {
     Publish(PublishArgs),
     /// Exit 0 when the node's /readyz answers 200 (for container health checks).
     Health(HealthArgs),
+    /// Print a channel's retained messages after a seq and its current seq and epoch, or
+    /// remove its history, through a node's admin API.
+    History(HistoryArgs),
+    /// Close every connection of a user, or one session's, on every node, through a node's
+    /// admin API.
+    Disconnect(DisconnectArgs),
+    /// List the channels that have subscribers anywhere in the cluster, with their counts,
+    /// through a node's admin API.
+    Channels(ChannelsArgs),
+    /// Print who is subscribed to a presence channel, and how many, through a node's admin API.
+    Presence(PresenceArgs),
 }
 
 /// A node's configuration.
@@ -145,6 +156,34 @@ pub struct Config {
     #[arg(long, env = "BGW_MAX_PUBLISH_BYTES", default_value_t = 1024 * 1024)]
     pub max_publish_bytes: usize,
 
+    /// How long an idempotency key of the publish API is remembered: a retry with the same key
+    /// within it gets the first publish's answer and publishes nothing. Longer than any retry
+    /// policy of a back end (minutes), short enough that the keys of a busy back end (one per
+    /// publish, kept in the broker) do not pile up.
+    #[arg(long, env = "BGW_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = duration)]
+    pub idempotency_window: Duration,
+
+    /// How often the node reports its channels' subscriber counts to the broker, for the
+    /// cluster's channel list (`GET /v1/channels`). A report lives three intervals: a node that
+    /// dies drops out of the list within that.
+    #[arg(long, env = "BGW_NODE_REPORT_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub node_report_interval: Duration,
+
+    /// Most connections one user (a token's `sub`) may hold at once across the cluster; more
+    /// are closed with 4013 at `hello`. Absent: no limit. Anonymous connections are not counted.
+    #[arg(long, env = "BGW_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<usize>,
+
+    /// Channels that keep presence (who is subscribed, `GET /v1/presence`), comma-separated
+    /// names or prefixes and `*` (`room.*`). Absent: none, and no presence work at all.
+    #[arg(long, env = "BGW_PRESENCE", value_delimiter = ',')]
+    pub presence: Vec<String>,
+
+    /// Most members one presence answer lists (its count counts them all): a 20,000-member
+    /// channel answers with a page, not a megabyte.
+    #[arg(long, env = "BGW_PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
+    pub presence_max_members: usize,
+
     /// Frames per second a client may send (with a burst of as many); more closes with 4029.
     /// Subscribing, publishing and pinging take a few frames a second.
     #[arg(long, env = "BGW_CLIENT_RATE", default_value_t = 50)]
@@ -233,6 +272,12 @@ impl Config {
         if self.history_size == 0 {
             return Err("--history-size must be above zero".into());
         }
+        if self.max_connections_per_user == Some(0) {
+            return Err("--max-connections-per-user must be above zero".into());
+        }
+        if self.node_report_interval < Duration::from_millis(100) {
+            return Err("--node-report-interval must be at least 100ms".into());
+        }
         if self.session_ttl < Duration::from_secs(1) {
             return Err("--session-ttl must be at least 1s".into());
         }
@@ -268,6 +313,81 @@ pub struct PublishArgs {
     pub channel: String,
     /// The message: any JSON value. Read from standard input when absent.
     pub data: Option<String>,
+    /// Publish at most once with this key: a retry with the same key (to the same channel,
+    /// within the node's --idempotency-window) prints the first publish's answer again.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Where a command of the admin API goes.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Base URL of a node's admin listener.
+    #[arg(long, env = "BGW_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+    pub admin_url: String,
+    /// The admin API key, where the node requires one.
+    #[arg(long, env = "BGW_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("whom").required(true).args(["user", "session"])))]
+pub struct DisconnectArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Every connection of this user (the token's `sub`).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The connection that holds this session.
+    #[arg(long)]
+    pub session: Option<String>,
+    /// The close: `disconnect` (4003, may reconnect), `revoked` (4001, needs a new token) or
+    /// `terminate` (4004, should not reconnect).
+    #[arg(long, default_value = "disconnect", value_parser = ["disconnect", "revoked", "terminate"])]
+    pub reason: String,
+    /// End the sessions too, so that they cannot be resumed.
+    #[arg(long)]
+    pub end_session: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChannelsArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Only channels that match: a name, or a prefix and `*` (`room.*`).
+    #[arg(long)]
+    pub pattern: Option<String>,
+    /// At most this many channels, the busiest first (1 to 10000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct PresenceArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// The channel (one that matches the node's --presence).
+    pub channel: String,
+    /// At most this many members (0: only the count).
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// The channel.
+    pub channel: String,
+    /// Messages with a seq above this one.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    /// At most this many messages (1 to 1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Remove the channel's history instead of printing it.
+    #[arg(long, conflicts_with_all = ["since", "limit"])]
+    pub remove: bool,
 }
 
 #[derive(Debug, Args)]

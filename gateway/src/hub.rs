@@ -117,8 +117,27 @@ impl Hub {
                     self.tasks
                         .spawn("hub resync", async move { hub.resync().await });
                 }
+                Event::Control(control) => {
+                    let (hub, sessions) = (self.clone(), sessions.clone());
+                    self.tasks.spawn("control request", async move {
+                        crate::control::apply(control, &hub, &*hub.broker, &sessions).await
+                    });
+                }
             }
         }
+    }
+
+    /// Local subscribers of each channel that has any, for the cluster's channel list.
+    pub fn channel_counts(&self) -> Vec<(Arc<str>, u64)> {
+        self.channels
+            .lock()
+            .iter()
+            .map(|(name, entry)| {
+                let count = entry.subscribers.iter().map(|&n| u64::from(n)).sum();
+                (name.clone(), count)
+            })
+            .filter(|(_, count)| *count > 0)
+            .collect()
     }
 
     /// How many channels have local subscribers.

@@ -15,8 +15,10 @@ pub mod admin;
 pub mod admin_client;
 pub mod auth;
 pub mod broker;
+pub mod channels;
 pub mod config;
 pub mod connection;
+pub mod control;
 pub mod fanout;
 pub mod handshake;
 pub mod hub;
@@ -24,8 +26,10 @@ pub mod ids;
 pub mod listener;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod session;
 pub mod shutdown;
+pub mod user_limit;
 pub mod wire;
 
 use std::sync::Arc;
@@ -89,6 +93,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tasks.spawn(
         "admin listener",
         admin::run(admin, node.clone(), background.clone()),
+    );
+    tasks.spawn(
+        "channel reporter",
+        channels::run_reporter(node.clone(), background.clone()),
     );
     tasks.spawn(
         "client listener",

@@ -23,6 +23,10 @@ fn main() -> ExitCode {
             Some(Command::Serve(config)) => serve(*config).await,
             Some(Command::Publish(args)) => publish(args).await,
             Some(Command::Health(args)) => health(&args.admin_url).await,
+            Some(Command::History(args)) => history(args).await,
+            Some(Command::Disconnect(args)) => disconnect(args).await,
+            Some(Command::Channels(args)) => channels(args).await,
+            Some(Command::Presence(args)) => presence(args).await,
         }
     });
     match result {
@@ -57,8 +61,12 @@ async fn publish(args: gateway::config::PublishArgs) -> anyhow::Result<ExitCode>
         .map_err(|e| anyhow::anyhow!("the message is not JSON: {e}"))?;
     // `data` goes in as given: through a `serde_json::Value` its keys would be sorted and its
     // spacing dropped, and subscribers get the bytes that were published.
+    let key = match &args.idempotency_key {
+        Some(key) => format!(r#","idempotency_key":{}"#, serde_json::to_string(key)?),
+        None => String::new(),
+    };
     let body = format!(
-        r#"{{"channel":{},"data":{}}}"#,
+        r#"{{"channel":{},"data":{}{key}}}"#,
         serde_json::to_string(&args.channel)?,
         data.get()
     );
@@ -71,12 +79,83 @@ async fn publish(args: gateway::config::PublishArgs) -> anyhow::Result<ExitCode>
         key,
     )
     .await?;
+    Ok(printed(status, &body))
+}
+
+async fn history(args: gateway::config::HistoryArgs) -> anyhow::Result<ExitCode> {
+    let channel: String = form_urlencoded::byte_serialize(args.channel.as_bytes()).collect();
+    let (method, path) = if args.remove {
+        (Method::DELETE, format!("/v1/history?channel={channel}"))
+    } else {
+        (
+            Method::GET,
+            format!(
+                "/v1/history?channel={channel}&since={}&limit={}",
+                args.since, args.limit
+            ),
+        )
+    };
+    let key = args.admin.api_key.as_ref().map(|k| k.expose());
+    let (status, body) =
+        admin_client::request(&args.admin.admin_url, method, &path, None, key).await?;
+    Ok(printed(status, &body))
+}
+
+async fn disconnect(args: gateway::config::DisconnectArgs) -> anyhow::Result<ExitCode> {
+    let mut body = serde_json::json!({
+        "user": args.user,
+        "session": args.session,
+        "reason": args.reason,
+        "end_session": args.end_session,
+    });
+    // Without the one not given: the API takes exactly one of them.
+    if let Some(object) = body.as_object_mut() {
+        object.retain(|_, value| !value.is_null());
+    }
+    let key = args.admin.api_key.as_ref().map(|k| k.expose());
+    let (status, answer) = admin_client::request(
+        &args.admin.admin_url,
+        Method::POST,
+        "/v1/disconnect",
+        Some(body.to_string()),
+        key,
+    )
+    .await?;
+    Ok(printed(status, &answer))
+}
+
+async fn channels(args: gateway::config::ChannelsArgs) -> anyhow::Result<ExitCode> {
+    let mut path = format!("/v1/channels?limit={}", args.limit);
+    if let Some(pattern) = &args.pattern {
+        let pattern: String = form_urlencoded::byte_serialize(pattern.as_bytes()).collect();
+        path.push_str(&format!("&pattern={pattern}"));
+    }
+    let key = args.admin.api_key.as_ref().map(|k| k.expose());
+    let (status, body) =
+        admin_client::request(&args.admin.admin_url, Method::GET, &path, None, key).await?;
+    Ok(printed(status, &body))
+}
+
+async fn presence(args: gateway::config::PresenceArgs) -> anyhow::Result<ExitCode> {
+    let channel: String = form_urlencoded::byte_serialize(args.channel.as_bytes()).collect();
+    let mut path = format!("/v1/presence?channel={channel}");
+    if let Some(limit) = args.limit {
+        path.push_str(&format!("&limit={limit}"));
+    }
+    let key = args.admin.api_key.as_ref().map(|k| k.expose());
+    let (status, body) =
+        admin_client::request(&args.admin.admin_url, Method::GET, &path, None, key).await?;
+    Ok(printed(status, &body))
+}
+
+/// Prints an answer of the admin API; success when it is 200.
+fn printed(status: StatusCode, body: &str) -> ExitCode {
     println!("{body}");
-    Ok(if status == StatusCode::OK {
+    if status == StatusCode::OK {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
 }
 
 async fn health(admin_url: &str) -> anyhow::Result<ExitCode> {

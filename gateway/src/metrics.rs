@@ -37,7 +37,7 @@ pub const REJECTION_REASONS: &[&str] = &[
 ];
 
 /// `limit` of `bgw_limit_hits_total`: the limit that refused a request.
-pub const LIMITS: &[&str] = &["rate", "subscriptions", "publish_size"];
+pub const LIMITS: &[&str] = &["rate", "subscriptions", "publish_size", "user_connections"];
 
 /// Buckets of the latency histograms, in seconds: from a fast local publish (100 µs) to a
 /// broker that hangs until its command timeout (2 s).
@@ -341,7 +341,7 @@ mod tests {
             }
         }
         assert!(close_codes().contains(&"4030".to_owned()));
-        assert_eq!(close_codes().len(), 13, "every code of shared::CloseCode");
+        assert_eq!(close_codes().len(), 16, "every code of shared::CloseCode");
     }
 
     fn strings(values: &[&str]) -> Vec<String> {
@@ -431,9 +431,10 @@ mod tests {
     #[test]
     fn every_label_the_code_uses_starts_at_zero() {
         let sources = [
-            include_str!("admin.rs"),
+            include_str!("admin/mod.rs"),
             include_str!("connection/mod.rs"),
             include_str!("connection/requests/mod.rs"),
+            include_str!("connection/requests/hello.rs"),
             include_str!("connection/requests/subscribe.rs"),
             include_str!("connection/requests/publish.rs"),
             include_str!("fanout.rs"),

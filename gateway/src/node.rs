@@ -14,6 +14,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::Sessions;
 use crate::shutdown::{Drain, Tasks};
+use crate::user_limit::UserConnections;
 
 pub struct Node {
     pub id: String,
@@ -21,6 +22,8 @@ pub struct Node {
     pub broker: Arc<dyn Broker>,
     pub hub: Arc<Hub>,
     pub sessions: Arc<Sessions>,
+    /// `--max-connections-per-user`, across the cluster.
+    pub user_connections: UserConnections,
     pub metrics: Arc<Metrics>,
     /// `None` when authentication is off.
     pub verifier: Option<Verifier>,
@@ -48,8 +51,15 @@ impl Node {
             metrics.clone(),
             config.session_ttl,
         ));
+        let user_connections = UserConnections::new(
+            config.max_connections_per_user,
+            broker.clone(),
+            id.clone(),
+            config.node_report_interval,
+        );
         Self {
             id,
+            user_connections,
             capacity: Arc::new(Semaphore::new(config.max_connections)),
             config,
             broker,

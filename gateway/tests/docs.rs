@@ -236,7 +236,7 @@ fn the_protocol_reference_names_every_frame_error_and_close_code() {
 #[test]
 fn the_admin_reference_names_every_route() {
     let admin = read("gateway/ADMIN-API.md");
-    let source = read("gateway/src/admin.rs");
+    let source = read("gateway/src/admin/mod.rs");
     // `(&Method::GET, "/healthz") =>`: every route of the admin listener.
     let routes: Vec<(String, String)> = source
         .split("(&Method::")

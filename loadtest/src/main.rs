@@ -9,6 +9,7 @@ mod delivery;
 mod drain;
 mod fanout;
 mod floor;
+mod publish;
 mod report;
 mod socket;
 mod tcp_info;
@@ -52,6 +53,9 @@ enum Scenario {
     /// per delivery and nothing else. Reports the writer's CPU per write (user + system from
     /// getrusage, microsecond resolution).
     Floor(floor::Args),
+    /// K concurrent HTTP clients publish through a node's admin API as fast as it answers, for
+    /// T: publishes a second and latency percentiles.
+    Publish(publish::Args),
     /// The reader process of `floor`.
     #[command(hide = true)]
     FloorReader(floor::ReaderArgs),
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Fanout(args) => on_runtime(fanout::run(args))?,
         Scenario::Churn(args) => on_runtime(churn::run(args))?,
         Scenario::Drain(args) => on_runtime(drain::run(args))?,
+        Scenario::Publish(args) => on_runtime(publish::run(args))?,
     };
     report.print(cli.json);
     Ok(())

@@ -14,7 +14,13 @@ pub enum CloseCode {
     Internal = 1011,
     Unauthorized = 4001,
     ProtocolViolation = 4002,
+    /// A back end disconnected the client (admin API): it may reconnect, after a delay.
+    Disconnected = 4003,
+    /// A back end ended the client's access for good (admin API): it should not reconnect.
+    Terminated = 4004,
     HelloTimeout = 4008,
+    /// The user holds `--max-connections-per-user` connections already, across the cluster.
+    TooManyConnections = 4013,
     TakenOver = 4009,
     RateLimited = 4029,
     SlowConsumer = 4030,
@@ -37,7 +43,10 @@ impl CloseCode {
             Internal,
             Unauthorized,
             ProtocolViolation,
+            Disconnected,
+            Terminated,
             HelloTimeout,
+            TooManyConnections,
             TakenOver,
             RateLimited,
             SlowConsumer,

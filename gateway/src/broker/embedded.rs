@@ -12,10 +12,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Broker, BrokerError, Delivery, Event, Events, History, HistoryLimits, Owner, Published,
-    SessionRecord, CHANNEL_TTL,
+    Broker, BrokerError, Control, Delivery, Event, Events, History, HistoryLimits, Owner,
+    Published, SessionRecord, CHANNEL_TTL,
 };
 use crate::ids;
+use crate::presence::Member;
 
 /// How many events may wait for the hub before publishers wait: enough to absorb a burst while
 /// the hub fans out one message to many subscribers.
@@ -37,6 +38,17 @@ struct State {
     /// Channels the node wants delivered.
     subscribed: HashSet<Arc<str>>,
     sessions: HashMap<Box<str>, StoredSession>,
+    /// Idempotent publishes: `(channel, key)` to the first publish's place, until it expires.
+    once: HashMap<(Arc<str>, String), (Published, Instant)>,
+    /// Sessions ended by a back end, until they could no longer be saved: none is resumed or
+    /// saved again.
+    ended: HashMap<String, Instant>,
+    /// The node's last report of its channels, and when it expires.
+    reported: (Vec<(Arc<str>, u64)>, Option<Instant>),
+    /// Each user's connections, and when each expires unless refreshed.
+    user_connections: HashMap<String, HashMap<String, Instant>>,
+    /// Members of presence channels, by channel and session, each with its expiry.
+    presence: HashMap<Arc<str>, HashMap<String, (Member, Instant)>>,
 }
 
 /// A session as the embedded broker keeps it: its record encoded (as Redis keeps it), which
@@ -134,7 +146,22 @@ impl EmbeddedBroker {
             channels,
             subscribed,
             sessions,
+            once,
+            ended,
+            user_connections,
+            presence,
+            ..
         } = &mut *state;
+        once.retain(|_, (_, expires)| *expires > now);
+        ended.retain(|_, until| *until > now);
+        user_connections.retain(|_, members| {
+            members.retain(|_, until| *until > now);
+            !members.is_empty()
+        });
+        presence.retain(|_, members| {
+            members.retain(|_, (_, until)| *until > now);
+            !members.is_empty()
+        });
         channels.retain(|name, log| {
             log.trim(limits, now);
             subscribed.contains(name) || now.duration_since(log.used) < CHANNEL_TTL
@@ -147,35 +174,20 @@ impl EmbeddedBroker {
         self.state.lock().channels.len()
     }
 
-    fn live_session(state: &mut State, id: &str, now: Instant) -> Option<SessionRecord> {
-        match state.sessions.get(id) {
-            Some(session) if session.expires > now => serde_json::from_str(&session.record).ok(),
-            Some(_) => {
-                state.sessions.remove(id);
-                None
-            }
-            None => None,
-        }
-    }
-}
-
-#[async_trait]
-impl Broker for EmbeddedBroker {
-    async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
-        // Reserve the event's place first, so that seq order and delivery order are the same
-        // order: both are decided under the lock below.
-        let permit = self
-            .events
-            .reserve()
-            .await
-            .map_err(|_| BrokerError::Internal("node stopped".into()))?;
-        let now = Instant::now();
-        let mut state = self.state.lock();
+    /// Numbers `data`, keeps it in history and hands it to the hub, all under the state's lock.
+    fn append(
+        &self,
+        state: &mut State,
+        permit: mpsc::Permit<'_, Event>,
+        channel: &str,
+        data: Bytes,
+        now: Instant,
+    ) -> Published {
         let State {
             channels,
             subscribed,
             ..
-        } = &mut *state;
+        } = state;
         let log = match channels.get_mut(channel) {
             Some(log) => log,
             None => channels
@@ -198,7 +210,68 @@ impl Broker for EmbeddedBroker {
                 data,
             }));
         }
+        published
+    }
+
+    fn live_session(state: &mut State, id: &str, now: Instant) -> Option<SessionRecord> {
+        if state.ended.get(id).is_some_and(|until| *until > now) {
+            return None;
+        }
+        match state.sessions.get(id) {
+            Some(session) if session.expires > now => serde_json::from_str(&session.record).ok(),
+            Some(_) => {
+                state.sessions.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for EmbeddedBroker {
+    async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
+        // Reserve the event's place first, so that seq order and delivery order are the same
+        // order: both are decided under the lock in `append`.
+        let permit = self
+            .events
+            .reserve()
+            .await
+            .map_err(|_| BrokerError::Internal("node stopped".into()))?;
+        let now = Instant::now();
+        Ok(self.append(&mut self.state.lock(), permit, channel, data, now))
+    }
+
+    async fn publish_once(
+        &self,
+        channel: &str,
+        data: Bytes,
+        key: &str,
+        window: Duration,
+    ) -> Result<Published, BrokerError> {
+        let permit = self
+            .events
+            .reserve()
+            .await
+            .map_err(|_| BrokerError::Internal("node stopped".into()))?;
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let id = (Arc::from(channel), key.to_owned());
+        if let Some((first, expires)) = state.once.get(&id) {
+            if *expires > now {
+                return Ok(first.clone());
+            }
+        }
+        let published = self.append(&mut state, permit, channel, data, now);
+        state.once.insert(id, (published.clone(), now + window));
         Ok(published)
+    }
+
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
+        if let Some(log) = self.state.lock().channels.get_mut(channel) {
+            log.history.clear();
+        }
+        Ok(())
     }
 
     async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {
@@ -273,6 +346,13 @@ impl Broker for EmbeddedBroker {
         let now = Instant::now();
         let mut state = self.state.lock();
         for record in records {
+            if state
+                .ended
+                .get(&record.id)
+                .is_some_and(|until| *until > now)
+            {
+                continue;
+            }
             let owned_by_other = state
                 .sessions
                 .get(record.id.as_str())
@@ -300,6 +380,131 @@ impl Broker for EmbeddedBroker {
                 .map_err(|_| BrokerError::Internal("node stopped".into()))?;
         }
         Ok(())
+    }
+
+    async fn control(&self, control: &Control) -> Result<(), BrokerError> {
+        self.events
+            .send(Event::Control(control.clone()))
+            .await
+            .map_err(|_| BrokerError::Internal("node stopped".into()))
+    }
+
+    async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
+        let mut state = self.state.lock();
+        state.sessions.remove(id);
+        state.ended.insert(id.to_owned(), Instant::now() + ttl);
+        Ok(())
+    }
+
+    async fn report_channels(
+        &self,
+        counts: &[(Arc<str>, u64)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        self.state.lock().reported = (counts.to_vec(), Some(Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError> {
+        let state = self.state.lock();
+        let (counts, expires) = &state.reported;
+        if expires.is_none_or(|at| at <= Instant::now()) {
+            return Ok(Vec::new());
+        }
+        Ok(counts.iter().map(|(c, n)| (c.to_string(), *n)).collect())
+    }
+
+    async fn acquire_connection(
+        &self,
+        user: &str,
+        member: &str,
+        limit: usize,
+        ttl: Duration,
+    ) -> Result<bool, BrokerError> {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let members = state.user_connections.entry(user.to_owned()).or_default();
+        members.retain(|_, until| *until > now);
+        if members.len() >= limit {
+            return Ok(false);
+        }
+        members.insert(member.to_owned(), now + ttl);
+        Ok(true)
+    }
+
+    async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError> {
+        let mut state = self.state.lock();
+        if let Some(members) = state.user_connections.get_mut(user) {
+            members.remove(member);
+            if members.is_empty() {
+                state.user_connections.remove(user);
+            }
+        }
+        Ok(())
+    }
+
+    async fn refresh_connections(
+        &self,
+        slots: &[(String, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let until = Instant::now() + ttl;
+        let mut state = self.state.lock();
+        for (user, member) in slots {
+            if let Some(held) = state
+                .user_connections
+                .get_mut(user)
+                .and_then(|members| members.get_mut(member))
+            {
+                *held = until;
+            }
+        }
+        Ok(())
+    }
+
+    async fn report_presence(
+        &self,
+        members: &[(Arc<str>, Member)],
+        left: &[(Arc<str>, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let until = Instant::now() + ttl;
+        let mut state = self.state.lock();
+        for (channel, session) in left {
+            if let Some(members) = state.presence.get_mut(channel) {
+                members.remove(session);
+            }
+        }
+        for (channel, member) in members {
+            state
+                .presence
+                .entry(channel.clone())
+                .or_default()
+                .insert(member.session.clone(), (member.clone(), until));
+        }
+        Ok(())
+    }
+
+    async fn presence(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<(u64, Vec<Member>), BrokerError> {
+        let now = Instant::now();
+        let state = self.state.lock();
+        let mut members: Vec<Member> = state
+            .presence
+            .get(channel)
+            .into_iter()
+            .flat_map(|members| members.values())
+            .filter(|(_, until)| *until > now)
+            .map(|(member, _)| member.clone())
+            .collect();
+        // As on Redis, in no order the caller may rely on; sorted here for stable answers.
+        members.sort_by(|a, b| a.session.cmp(&b.session));
+        let count = members.len() as u64;
+        members.truncate(limit);
+        Ok((count, members))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -351,5 +556,38 @@ mod tests {
             .unwrap();
         assert_eq!(again.seq, 1);
         assert_ne!(again.epoch, old.epoch);
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_publishes_once_within_its_window() {
+        let limits = HistoryLimits {
+            size: 10,
+            ttl: Duration::from_secs(60),
+        };
+        let (broker, _events) = EmbeddedBroker::new("n".into(), limits);
+        let window = Duration::from_secs(300);
+        let data = || Bytes::from_static(b"1");
+        let first = broker.publish_once("a", data(), "k", window).await.unwrap();
+        let again = broker.publish_once("a", data(), "k", window).await.unwrap();
+        assert_eq!(again, first);
+        let other_key = broker
+            .publish_once("a", data(), "k2", window)
+            .await
+            .unwrap();
+        assert_eq!(other_key.seq, 2);
+        let other_channel = broker.publish_once("b", data(), "k", window).await.unwrap();
+        assert_eq!(other_channel.seq, 1);
+        assert_eq!(broker.history("a", 0).await.unwrap().messages.len(), 2);
+
+        // A window that is over: the key is forgotten, and the same key publishes again.
+        let gone = broker
+            .publish_once("c", data(), "k", Duration::ZERO)
+            .await
+            .unwrap();
+        let after = broker
+            .publish_once("c", data(), "k", Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!((gone.seq, after.seq), (1, 2));
     }
 }

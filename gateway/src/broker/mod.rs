@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::presence::Member;
 
 /// How long a channel's seq and epoch outlive its last publish or read, in either broker. Much
 /// longer than any history or session, so that a client's position stays comparable while it
@@ -123,6 +124,47 @@ pub enum Event {
     },
     /// The link to the broker was down and is back: pushes may have been lost meanwhile.
     Resync,
+    /// A back end acts on connections of every node (admin API): see [`crate::control`].
+    Control(Control),
+}
+
+/// What a back end asks every node to do to the connections of a user or of one session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Control {
+    /// Close the connections with `close`; with `end_session`, their sessions cannot be resumed.
+    Disconnect {
+        target: Target,
+        close: Disconnect,
+        end_session: bool,
+    },
+    /// Leave the channel; the client gets `unsubscribed` without an `id`.
+    Unsubscribe { target: Target, channel: String },
+    /// Join the channel (a server-side subscription); the client gets `subscribed` without an
+    /// `id`.
+    Subscribe { target: Target, channel: String },
+}
+
+/// Whose connections a [`Control`] acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// Every connection whose token's `sub` is this.
+    User(String),
+    /// The connection that holds this session.
+    Session(String),
+}
+
+/// The closes a back end may choose from (PROTOCOL.md, section 9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Disconnect {
+    /// 4003 `disconnected`: the client may reconnect after a delay.
+    Disconnect,
+    /// 4001 `access revoked`: the client needs a new token.
+    Revoked,
+    /// 4004 `terminated`: the client should not reconnect.
+    Terminate,
 }
 
 /// Where a node learns of the broker's events. Bounded: a slow node slows its broker link.
@@ -180,6 +222,22 @@ pub trait Broker: Send + Sync + 'static {
     /// Appends `data` to the channel: the next seq, history, and delivery to every node.
     async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError>;
 
+    /// Publishes as [`Broker::publish`] does, unless a publish to the channel with the same
+    /// idempotency `key` was made within `window`: then answers with that publish's place and
+    /// publishes nothing. The check and the publish are one atomic step, so that two retries
+    /// racing each other publish once.
+    async fn publish_once(
+        &self,
+        channel: &str,
+        data: Bytes,
+        key: &str,
+        window: Duration,
+    ) -> Result<Published, BrokerError>;
+
+    /// Forgets the channel's retained messages; its seq and epoch stay, so that later publishes
+    /// continue the sequence (a client resuming from before gets `recovered: false`).
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError>;
+
     /// The channel's retained messages with seq greater than `after`.
     async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError>;
 
@@ -211,6 +269,63 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Tells the owner's node that its connection lost the session to another one.
     async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError>;
+
+    /// Hands `control` to every node that shares the broker, this one included, as
+    /// [`Event::Control`]. At most once: a node whose link is down at that moment misses it.
+    async fn control(&self, control: &Control) -> Result<(), BrokerError>;
+
+    /// Ends the session for good: it cannot be resumed, and saves of it are refused, for `ttl`
+    /// (as long as a save could come: the session's TTL).
+    async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError>;
+
+    /// Replaces this node's report of its channels' local subscriber counts; the report expires
+    /// after `ttl` unless made again, so that a dead node's counts vanish.
+    async fn report_channels(
+        &self,
+        counts: &[(Arc<str>, u64)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError>;
+
+    /// Every channel with subscribers in a live report of any node, with the counts summed.
+    async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError>;
+
+    /// Adds `member` (a node's connection) to the connections of `user` unless the user has
+    /// `limit` unexpired ones already; `false` then. The member expires after `ttl` unless
+    /// refreshed.
+    async fn acquire_connection(
+        &self,
+        user: &str,
+        member: &str,
+        limit: usize,
+        ttl: Duration,
+    ) -> Result<bool, BrokerError>;
+
+    /// Removes `member` from the connections of `user`.
+    async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError>;
+
+    /// Pushes back the expiry of each `(user, member)` that is still held (a released one is
+    /// not taken again).
+    async fn refresh_connections(
+        &self,
+        slots: &[(String, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError>;
+
+    /// Stores this node's members of presence channels (each expiring after `ttl` unless
+    /// reported again) and removes those that left.
+    async fn report_presence(
+        &self,
+        members: &[(Arc<str>, Member)],
+        left: &[(Arc<str>, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError>;
+
+    /// The channel's unexpired members, at most `limit` of them, and how many there are.
+    async fn presence(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<(u64, Vec<Member>), BrokerError>;
 
     /// Whether the broker answers now.
     async fn ping(&self) -> Result<(), BrokerError>;

@@ -375,6 +375,9 @@ impl Connection {
         }
         if let Some(session) = self.session.take() {
             self.node.sessions.detach(&session);
+            self.node
+                .user_connections
+                .release(&session.subject, self.id);
         }
     }
 }

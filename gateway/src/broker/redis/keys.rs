@@ -9,15 +9,30 @@
 //!   last publish, and entries older than that are not replayed.
 //! - `bgw:{ch}:line` (behind Sentinel only): the replication id of the master that numbered
 //!   the channel's last message; see `scripts.rs`.
+//! - `bgw:{ch}:once:<key>`: an idempotent publish's `<seq>:<epoch>`, for its window.
+//! - `bgw:{ch}:presence`: a sorted set of the sessions subscribed to a presence channel, scored
+//!   by when each expires unless reported again (ms since the epoch); `bgw:{ch}:presence:who`:
+//!   a hash of their records (JSON).
 //! - `bgw:{ch}:msg`: the pub/sub topic, payload `<seq>:<epoch>:<data>`.
 //! - `bgw:session:{id}`: a hash with `record` (JSON) and `owner` (JSON), expiring after the
 //!   session TTL.
 //! - `bgw:node:{node}`: a node's control topic, for session takeovers.
+//! - `bgw:nodes`: a sorted set of node ids, scored by when their last report expires (ms since
+//!   the epoch); `bgw:channels:{node}`: a hash of the node's channels and their local subscriber
+//!   counts, replaced at each report and expiring with it.
+//! - `bgw:user:{sub}:conns`: a sorted set of a user's connections (`<node>/<conn>`), scored
+//!   by when each expires unless refreshed (ms since the epoch), for
+//!   `--max-connections-per-user`.
+//! - `bgw:control`: the topic every node subscribes to, for what back ends ask of connections
+//!   anywhere (disconnect, unsubscribe, subscribe): a JSON [`Control`].
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::broker::{Delivery, Event};
+use crate::broker::{Control, Delivery, Event};
+
+/// The topic of [`Control`]s, which every node subscribes to.
+pub const CONTROL_TOPIC: &str = "bgw:control";
 
 /// The keys of a channel, in the order the scripts take them.
 pub fn channel_keys(channel: &str) -> [String; 4] {
@@ -29,12 +44,41 @@ pub fn channel_keys(channel: &str) -> [String; 4] {
     ]
 }
 
+/// The record of an idempotent publish: on the channel's shard, so that one script checks it
+/// and publishes.
+pub fn once_key(channel: &str, key: &str) -> String {
+    format!("bgw:{{{channel}}}:once:{key}")
+}
+
+pub fn presence_keys(channel: &str) -> [String; 2] {
+    [
+        format!("bgw:{{{channel}}}:presence"),
+        format!("bgw:{{{channel}}}:presence:who"),
+    ]
+}
+
 pub fn channel_topic(channel: &str) -> String {
     format!("bgw:{{{channel}}}:msg")
 }
 
 pub fn control_topic(node: &str) -> String {
     format!("bgw:node:{{{node}}}")
+}
+
+/// The set of nodes that report their channels.
+pub const NODES_KEY: &str = "bgw:nodes";
+
+/// A node's report of its channels; the next one is written beside it and renamed over it (the
+/// same hash tag keeps both on one shard).
+pub fn node_channels_keys(node: &str) -> [String; 2] {
+    [
+        format!("bgw:channels:{{{node}}}"),
+        format!("bgw:channels:{{{node}}}:next"),
+    ]
+}
+
+pub fn user_connections_key(user: &str) -> String {
+    format!("bgw:user:{{{user}}}:conns")
 }
 
 pub fn session_key(id: &str) -> String {
@@ -51,6 +95,10 @@ pub struct TakeoverNotice {
 /// The event a pub/sub message stands for; `None` for a malformed one.
 pub fn parse_push(topic: &[u8], payload: &[u8]) -> Option<Event> {
     let topic = std::str::from_utf8(topic).ok()?;
+    if topic == CONTROL_TOPIC {
+        let control: Control = serde_json::from_slice(payload).ok()?;
+        return Some(Event::Control(control));
+    }
     if topic.starts_with("bgw:node:") {
         let notice: TakeoverNotice = serde_json::from_slice(payload).ok()?;
         return Some(Event::TakenOver {
@@ -89,6 +137,14 @@ mod tests {
             parse_push(b"bgw:node:{n1}", br#"{"session":"s","conn":3}"#),
             Some(Event::TakenOver { conn: 3, .. })
         ));
+        assert!(matches!(
+            parse_push(
+                b"bgw:control",
+                br#"{"op":"unsubscribe","target":{"user":"alice"},"channel":"news"}"#
+            ),
+            Some(Event::Control(Control::Unsubscribe { .. }))
+        ));
+        assert!(parse_push(b"bgw:control", b"{}").is_none());
         assert!(parse_push(b"bgw:{news}:msg", b"x:ab:1").is_none());
         assert!(parse_push(b"other", b"1:a:1").is_none());
     }

@@ -1,5 +1,5 @@
-//! The node's link to Redis: one pub/sub connection, which carries the channels' messages and
-//! the node's control topic, and whose health is the broker's availability.
+//! The node's link to Redis: one pub/sub connection, which carries the channels' messages, the
+//! node's control topic and the cluster's, and whose health is the broker's availability.
 //!
 //! The link connects in the background and reconnects after every loss, as
 //! [`reconnect`](crate::broker::reconnect) says. Each connection is a new generation: the
@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::keys::{control_topic, parse_push};
+use super::keys::{control_topic, parse_push, CONTROL_TOPIC};
 use super::target::{Connection, Endpoint, Target};
 use crate::broker::{reconnect, Event};
 use crate::metrics::Metrics;
@@ -141,6 +141,7 @@ impl Link {
             .subscribe(&control_topic(&self.node))
             .await
             .map_err(at)?;
+        pubsub.subscribe(CONTROL_TOPIC).await.map_err(at)?;
         Ok(Current {
             endpoint,
             pubsub,

@@ -5,11 +5,13 @@
 //! - [`target`]: the URL forms, TLS, and where writes go now;
 //! - [`link`]: the pub/sub connection, reconnected in the background, whose health is the
 //!   broker's availability; [`sentinel`]: which node is the master;
-//! - [`pool`]: connections for commands; [`scripts`]: the Lua that numbers and stores messages;
+//! - [`pool`]: connections for commands; [`pipeline`]: the shared connections that pipeline
+//!   concurrent publishes; [`scripts`]: the Lua that numbers and stores messages;
 //! - [`keys`]: the key schema, and the payloads of the topics.
 
 mod keys;
 mod link;
+mod pipeline;
 mod pool;
 mod scripts;
 mod sentinel;
@@ -25,17 +27,21 @@ use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use self::keys::{channel_keys, channel_topic, control_topic, session_key, TakeoverNotice};
+use self::keys::{
+    channel_keys, channel_topic, control_topic, node_channels_keys, once_key, presence_keys,
+    session_key, user_connections_key, TakeoverNotice, CONTROL_TOPIC, NODES_KEY,
+};
 use self::link::{Link, LinkState};
 use self::scripts::Scripts;
 use self::target::{Target, TlsFiles};
 use super::{
-    Broker, BrokerError, Events, History, HistoryLimits, Owner, Published, SessionRecord,
+    Broker, BrokerError, Control, Events, History, HistoryLimits, Owner, Published, SessionRecord,
     SetupError, CHANNEL_TTL,
 };
 use crate::config::Config;
 use crate::ids;
 use crate::metrics::Metrics;
+use crate::presence::Member;
 
 pub use self::target::redact;
 
@@ -89,10 +95,14 @@ impl Settings {
 }
 
 pub struct RedisBroker {
+    /// This node's id: the key of its channel reports.
+    node: String,
     history: HistoryLimits,
     target: Arc<Target>,
     link: Arc<LinkState>,
     commands: pool::Pool,
+    /// Publishes, pipelined.
+    shared: pipeline::Shared,
     scripts: Scripts,
 }
 
@@ -112,16 +122,18 @@ impl RedisBroker {
         let link = Link {
             target: target.clone(),
             state: state.clone(),
-            node,
+            node: node.clone(),
             events,
             metrics,
         };
         tokio::spawn(link.run(stop, first_attempt));
         let _ = first_attempt_over.await;
         let broker = Arc::new(Self {
+            node,
             history: settings.history,
             target,
             commands: pool::new(state.clone()),
+            shared: pipeline::Shared::new(state.clone()),
             link: state,
             scripts: Scripts::new(),
         });
@@ -141,6 +153,26 @@ impl RedisBroker {
             pooled.broken = matches!(e, BrokerError::Unavailable(_));
             e
         })
+    }
+
+    /// Runs one request on a shared connection, pipelined with the others in flight: for the
+    /// small, frequent requests (publishes), not for long batches that would hold them up.
+    async fn query_shared<T: redis::FromRedisValue>(
+        &self,
+        request: Request<'_>,
+    ) -> Result<T, BrokerError> {
+        self.ensure_up()?;
+        let mut lease = self.shared.get().await.map_err(classify)?;
+        match request.run(&mut lease.conn).await {
+            Ok(reply) => Ok(reply),
+            Err(e) => {
+                let e = classify(e);
+                if matches!(e, BrokerError::Unavailable(_)) {
+                    lease.broken();
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Fails at once while the link is down, rather than after a connection timeout.
@@ -181,6 +213,32 @@ impl RedisBroker {
             .arg(CHANNEL_TTL.as_secs())
             .arg(if self.target.is_sentinel() { "1" } else { "0" });
         invocation
+    }
+}
+
+impl RedisBroker {
+    /// The publish script, idempotent with `once` (its key and window).
+    async fn publish_script(
+        &self,
+        channel: &str,
+        data: Bytes,
+        once: Option<(&str, Duration)>,
+    ) -> Result<Published, BrokerError> {
+        let mut invocation = self.channel_invocation(&self.scripts.publish, channel);
+        invocation
+            .arg(&data[..])
+            .arg(self.history.size)
+            .arg(millis(self.history.ttl))
+            .arg(channel_topic(channel))
+            .arg(self.publish_command());
+        if let Some((key, window)) = once {
+            invocation.key(once_key(channel, key)).arg(millis(window));
+        }
+        let (seq, epoch): (u64, String) = self.query_shared(Request::Script(invocation)).await?;
+        Ok(Published {
+            seq,
+            epoch: epoch.into(),
+        })
     }
 }
 
@@ -246,6 +304,11 @@ fn protocol(what: &str) -> BrokerError {
     BrokerError::Protocol(what.to_owned())
 }
 
+fn now_millis() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| d.as_millis() as u64)
+}
+
 fn millis(d: Duration) -> u64 {
     d.as_millis().max(1) as u64
 }
@@ -253,18 +316,25 @@ fn millis(d: Duration) -> u64 {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
-        let mut invocation = self.channel_invocation(&self.scripts.publish, channel);
-        invocation
-            .arg(&data[..])
-            .arg(self.history.size)
-            .arg(millis(self.history.ttl))
-            .arg(channel_topic(channel))
-            .arg(self.publish_command());
-        let (seq, epoch): (u64, String) = self.query(Request::Script(invocation)).await?;
-        Ok(Published {
-            seq,
-            epoch: epoch.into(),
-        })
+        self.publish_script(channel, data, None).await
+    }
+
+    async fn publish_once(
+        &self,
+        channel: &str,
+        data: Bytes,
+        key: &str,
+        window: Duration,
+    ) -> Result<Published, BrokerError> {
+        self.publish_script(channel, data, Some((key, window)))
+            .await
+    }
+
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
+        let [_, _, hist, _] = channel_keys(channel);
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(hist);
+        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
     }
 
     async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {
@@ -399,6 +469,204 @@ impl Broker for RedisBroker {
         let mut cmd = redis::cmd(self.publish_command());
         cmd.arg(control_topic(&previous.node)).arg(notice);
         self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+    }
+
+    async fn control(&self, control: &Control) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd(self.publish_command());
+        cmd.arg(CONTROL_TOPIC).arg(to_json(control)?);
+        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+    }
+
+    async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts::END)
+            .arg(1)
+            .arg(session_key(id))
+            .arg(millis(ttl));
+        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+    }
+
+    async fn report_channels(
+        &self,
+        counts: &[(Arc<str>, u64)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let [key, next] = node_channels_keys(&self.node);
+        let expires = now_millis() + millis(ttl);
+        let mut commands = Vec::new();
+        if counts.is_empty() {
+            commands.push(redis::cmd("DEL").arg(&key).to_owned());
+        } else {
+            commands.push(redis::cmd("DEL").arg(&next).to_owned());
+            for chunk in counts.chunks(SAVE_BATCH) {
+                let mut hset = redis::cmd("HSET");
+                hset.arg(&next);
+                for (channel, count) in chunk {
+                    hset.arg(&**channel).arg(*count);
+                }
+                commands.push(hset);
+            }
+            commands.push(redis::cmd("RENAME").arg(&next).arg(&key).to_owned());
+            commands.push(redis::cmd("PEXPIRE").arg(&key).arg(millis(ttl)).to_owned());
+        }
+        // Nodes whose reports expired long ago leave the set; a dead node's stays a while
+        // (harmless: its hash is gone).
+        commands.push(
+            redis::cmd("ZREMRANGEBYSCORE")
+                .arg(NODES_KEY)
+                .arg("-inf")
+                .arg(now_millis().saturating_sub(millis(ttl) * 10))
+                .to_owned(),
+        );
+        commands.push(
+            redis::cmd("ZADD")
+                .arg(NODES_KEY)
+                .arg(expires)
+                .arg(&self.node)
+                .to_owned(),
+        );
+        // One command at a time: on a cluster the keys live on different shards.
+        for cmd in commands {
+            self.query::<Value>(Request::Cmd(cmd)).await?;
+        }
+        Ok(())
+    }
+
+    async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError> {
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(NODES_KEY).arg(now_millis()).arg("+inf");
+        let nodes: Vec<String> = self.query(Request::Cmd(cmd)).await?;
+        let mut totals: std::collections::HashMap<String, u64> = Default::default();
+        for node in nodes {
+            let [key, _] = node_channels_keys(&node);
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(key);
+            let counts: std::collections::HashMap<String, u64> =
+                self.query(Request::Cmd(cmd)).await?;
+            for (channel, count) in counts {
+                *totals.entry(channel).or_default() += count;
+            }
+        }
+        Ok(totals.into_iter().collect())
+    }
+
+    async fn acquire_connection(
+        &self,
+        user: &str,
+        member: &str,
+        limit: usize,
+        ttl: Duration,
+    ) -> Result<bool, BrokerError> {
+        let now = now_millis();
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts::ACQUIRE)
+            .arg(1)
+            .arg(user_connections_key(user))
+            .arg(now)
+            .arg(limit)
+            .arg(now + millis(ttl))
+            .arg(member)
+            .arg(millis(ttl));
+        let added: i64 = self.query(Request::Cmd(cmd)).await?;
+        Ok(added == 1)
+    }
+
+    async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(user_connections_key(user)).arg(member);
+        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+    }
+
+    async fn refresh_connections(
+        &self,
+        slots: &[(String, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let until = now_millis() + millis(ttl);
+        // Concurrent, pipelined on the shared connections (and routed per shard on a cluster).
+        for chunk in slots.chunks(SAVE_BATCH) {
+            let refreshes = chunk.iter().map(|(user, member)| {
+                let key = user_connections_key(user);
+                let mut zadd = redis::cmd("ZADD");
+                zadd.arg(&key).arg("XX").arg(until).arg(member);
+                let mut expire = redis::cmd("PEXPIRE");
+                expire.arg(key).arg(millis(ttl));
+                async move {
+                    self.query_shared::<i64>(Request::Cmd(zadd)).await?;
+                    self.query_shared::<i64>(Request::Cmd(expire)).await
+                }
+            });
+            for result in futures_util::future::join_all(refreshes).await {
+                result?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn report_presence(
+        &self,
+        members: &[(Arc<str>, Member)],
+        left: &[(Arc<str>, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let expiry = now_millis() + millis(ttl);
+        let script = |source: &str, channel: &str| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(source).arg(2);
+            for key in presence_keys(channel) {
+                cmd.arg(key);
+            }
+            cmd
+        };
+        let mut commands = Vec::with_capacity(members.len() + left.len());
+        for (channel, session) in left {
+            let mut cmd = script(scripts::PRESENCE_REMOVE, channel);
+            cmd.arg(session);
+            commands.push(cmd);
+        }
+        for (channel, member) in members {
+            let mut cmd = script(scripts::PRESENCE_ADD, channel);
+            cmd.arg(expiry)
+                .arg(&member.session)
+                .arg(to_json(member)?)
+                .arg(millis(ttl));
+            commands.push(cmd);
+        }
+        // Concurrent, pipelined on the shared connections (and routed per shard on a cluster).
+        for chunk in commands.chunks(SAVE_BATCH) {
+            let calls = chunk
+                .iter()
+                .map(|cmd| self.query_shared::<i64>(Request::Cmd(cmd.clone())));
+            for result in futures_util::future::join_all(calls).await {
+                result?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn presence(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<(u64, Vec<Member>), BrokerError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts::PRESENCE_READ).arg(2);
+        for key in presence_keys(channel) {
+            cmd.arg(key);
+        }
+        cmd.arg(now_millis()).arg(limit);
+        let reply: Vec<Value> = self.query(Request::Cmd(cmd)).await?;
+        let mut values = reply.into_iter();
+        let count: u64 = values
+            .next()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .ok_or_else(|| protocol("malformed presence reply"))?;
+        let mut members: Vec<Member> = values
+            .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+            .filter_map(|record| serde_json::from_str(&record).ok())
+            .collect();
+        members.sort_by(|a, b| a.session.cmp(&b.session));
+        Ok((count, members))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

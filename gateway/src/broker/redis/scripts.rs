@@ -32,8 +32,17 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 ";
 
 /// ARGV[4]: data, ARGV[5]: history size, ARGV[6]: history TTL (ms), ARGV[7]: topic,
-/// ARGV[8]: `PUBLISH` or `SPUBLISH`. Returns {seq, epoch}.
+/// ARGV[8]: `PUBLISH` or `SPUBLISH`. With KEYS[5] (an idempotency key) and ARGV[9] (its window,
+/// ms): a publish already made with that key answers its `{seq, epoch}` again and publishes
+/// nothing; a new one is remembered for the window. Returns {seq, epoch}.
 const PUBLISH: &str = r"
+if KEYS[5] then
+  local first = redis.call('GET', KEYS[5])
+  if first then
+    local seq, first_epoch = string.match(first, '^(%d+):(.+)$')
+    return {tonumber(seq), first_epoch}
+  end
+end
 local seq = redis.call('INCR', KEYS[1])
 if seq == 1 then redis.call('DEL', KEYS[3]) end
 local now = redis.call('TIME')
@@ -41,6 +50,7 @@ local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[5], seq .. '-0', 'd', ARGV[4], 't', ms)
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
 redis.call(ARGV[8], ARGV[7], seq .. ':' .. epoch .. ':' .. ARGV[4])
+if KEYS[5] then redis.call('SET', KEYS[5], seq .. ':' .. epoch, 'PX', ARGV[9]) end
 return {seq, epoch}
 ";
 
@@ -83,6 +93,60 @@ if owner and owner ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'owner', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
+";
+
+/// KEYS: session. ARGV: TTL (ms). Ends the session: no record to resume, and an owner no
+/// connection has, so that every later save of it is refused.
+pub const END: &str = r"
+redis.call('HDEL', KEYS[1], 'record')
+redis.call('HSET', KEYS[1], 'owner', 'ended')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+";
+
+/// KEYS: the user's connections. ARGV: now (ms), limit, expiry (ms since the epoch), member,
+/// TTL (ms). Returns 1 when the member was added, 0 when the user has the limit.
+pub const ACQUIRE: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+";
+
+/// KEYS: the channel's presence set, its member records. ARGV: expiry (ms since the epoch),
+/// session, record (JSON), TTL (ms).
+pub const PRESENCE_ADD: &str = r"
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+";
+
+/// KEYS: as [`PRESENCE_ADD`]. ARGV: session.
+pub const PRESENCE_REMOVE: &str = r"
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+";
+
+/// KEYS: as [`PRESENCE_ADD`]. ARGV: now (ms since the epoch), limit. Drops expired members
+/// (a dead node's), then returns {count, record, record, ...} with at most `limit` records.
+pub const PRESENCE_READ: &str = r"
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+local out = {redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[1], '+inf')}
+local sessions = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
+if #sessions > 0 then
+  for _, record in ipairs(redis.call('HMGET', KEYS[2], unpack(sessions))) do
+    if record then table.insert(out, record) end
+  end
+end
+return out
 ";
 
 pub struct Scripts {

@@ -36,6 +36,22 @@ impl Connection {
         };
         // The upgrade's token has done its work.
         self.http_token = None;
+        match node
+            .user_connections
+            .acquire(identity.subject(), self.id)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                let limits = &node.metrics.limits;
+                limits.with_label_values(&["user_connections"]).inc();
+                return Err(close(CloseCode::TooManyConnections, "too many connections"));
+            }
+            Err(e) => {
+                warn!(conn = self.id, error = %e, "user connection count failed");
+                return Err(close(CloseCode::Internal, "broker unavailable"));
+            }
+        }
         self.expires_at = identity.expires_in().map(|left| Instant::now() + left);
         let owner = Owner {
             node: node.id.clone(),

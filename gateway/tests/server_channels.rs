@@ -1,0 +1,145 @@
+//! `GET /v1/channels`: the channels that have subscribers anywhere, with their counts summed
+//! over the nodes' reports; a killed node's counts vanish when its report expires. On the
+//! embedded broker, one Redis and a Redis Cluster.
+
+mod common;
+mod redis_server;
+
+use common::{Client, Gateway, DEADLINE};
+use redis_server::{RedisCluster, RedisServer};
+use serde_json::Value;
+
+const KEY: &str = "server-channels-test-key";
+
+fn node(url: Option<&str>) -> Gateway {
+    let mut flags = vec!["--api-key", KEY, "--node-report-interval", "200ms"];
+    if let Some(url) = url {
+        flags.extend(["--redis-url", url]);
+    }
+    Gateway::start(&flags)
+}
+
+async fn subscriber(node: &Gateway, channel: &str) -> Client {
+    let mut client = node.connect().await;
+    client.hello().await;
+    client.subscribe(channel).await;
+    client
+}
+
+/// `GET /v1/channels` with `query`: (channel, subscribers) in the order answered.
+async fn channels(node: &Gateway, query: &str) -> Vec<(String, u64)> {
+    let auth = format!("Bearer {KEY}");
+    let (status, body) = node
+        .admin()
+        .await
+        .request(
+            "GET",
+            &format!("/v1/channels?{query}"),
+            &[("authorization", &auth)],
+            b"",
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    answer["channels"]
+        .as_array()
+        .expect("channels")
+        .iter()
+        .map(|c| {
+            (
+                c["channel"].as_str().unwrap().to_owned(),
+                c["subscribers"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the list for `query` is `want`.
+async fn wait_channels(node: &Gateway, query: &str, want: &[(String, u64)]) {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let got = channels(node, query).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "channels?{query}: {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Subscribers on two nodes, counted together; `b` is then killed (SIGKILL), and its counts
+/// vanish.
+async fn list(a: &Gateway, b: Gateway) {
+    let prefix = common::channel("chl");
+    let (one, two, other) = (
+        format!("{prefix}.room.1"),
+        format!("{prefix}.room.2"),
+        format!("{prefix}.other"),
+    );
+    let _clients = [
+        subscriber(a, &one).await,
+        subscriber(a, &one).await,
+        subscriber(&b, &one).await,
+        subscriber(&b, &two).await,
+        subscriber(a, &other).await,
+    ];
+    let rooms = format!("pattern={prefix}.room.*");
+    wait_channels(a, &rooms, &[(one.clone(), 3), (two.clone(), 1)]).await;
+    wait_channels(
+        &b,
+        &format!("pattern={prefix}.*&limit=1"),
+        &[(one.clone(), 3)],
+    )
+    .await;
+    drop(b);
+    wait_channels(a, &rooms, &[(one.clone(), 2)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_on_the_embedded_broker() {
+    let node = node(None);
+    let prefix = common::channel("chl");
+    let one = format!("{prefix}.room.1");
+    let mut client = subscriber(&node, &one).await;
+    wait_channels(&node, &format!("pattern={prefix}.*"), &[(one.clone(), 1)]).await;
+    // `gateway channels` is a client of the API.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["channels", "--pattern", &format!("{prefix}.*")])
+        .arg("--admin-url")
+        .arg(format!("http://{}", node.admin_addr))
+        .env("BGW_API_KEY", KEY)
+        .output()
+        .expect("run gateway channels");
+    assert!(out.status.success(), "{out:?}");
+    let printed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(printed["channels"][0]["channel"], one.as_str());
+    client
+        .send_text(&format!(r#"{{"type":"unsubscribe","channel":"{one}"}}"#))
+        .await;
+    wait_channels(&node, &format!("pattern={prefix}.*"), &[]).await;
+    let (status, _) = node
+        .admin()
+        .await
+        .request("GET", "/v1/channels", &[], b"")
+        .await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_on_redis_across_nodes_and_a_killed_node_vanishes() {
+    let redis = RedisServer::start(false);
+    let a = node(Some(&redis.url()));
+    let b = node(Some(&redis.url()));
+    list(&a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_on_a_redis_cluster_across_nodes_and_a_killed_node_vanishes() {
+    let cluster = RedisCluster::start();
+    let a = node(Some(&cluster.url()));
+    let b = node(Some(&cluster.url()));
+    list(&a, b).await;
+}
