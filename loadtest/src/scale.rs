@@ -308,7 +308,7 @@ async fn measure(
     let margin = args.min_available_mib * 1024 * 1024;
 
     let base = sample(cluster)?;
-    let mut fleet = Fleet::start(workers, &sources, &addrs, &prefix, args.channels).await?;
+    let mut fleet = Fleet::start(&sources, &addrs, &prefix, args.channels).await?;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let client_base = fleet.progress().rss;
     // The publishers talk to the last nodes: the first ones may be drained or killed.

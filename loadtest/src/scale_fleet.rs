@@ -36,9 +36,8 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts `count` workers; worker w binds to `sources[w]`.
+    /// Starts a worker per source address; worker w binds to `sources[w]`.
     pub async fn start(
-        count: usize,
         sources: &[IpAddr],
         nodes: &[SocketAddr],
         prefix: &str,
@@ -50,12 +49,13 @@ impl Fleet {
             .map(|n| n.to_string())
             .collect::<Vec<_>>()
             .join(",");
+        let count = sources.len();
         let mut workers = Vec::with_capacity(count);
-        for w in 0..count {
+        for (w, source) in sources.iter().enumerate() {
             let mut child = Command::new(&exe)
                 .arg("scale-worker")
                 .args(["--index", &w.to_string(), "--workers", &count.to_string()])
-                .args(["--source", &sources[w].to_string(), "--nodes", &node_list])
+                .args(["--source", &source.to_string(), "--nodes", &node_list])
                 .args(["--prefix", prefix, "--channels", &channels.to_string()])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())

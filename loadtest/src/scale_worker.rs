@@ -354,7 +354,7 @@ async fn connection(ctx: Rc<Ctx>, id: usize) {
             return;
         }
         // Every node refused once: give them a moment.
-        if attempts > 0 && attempts % nodes == 0 {
+        if attempts > 0 && attempts.is_multiple_of(nodes) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // Another node: the next ones, spread by the connection's index, so that the
