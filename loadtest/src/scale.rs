@@ -84,6 +84,10 @@ pub struct Args {
     /// At the largest size: SIGKILL the second node and time its connections' resumes.
     #[arg(long)]
     kill: bool,
+    /// Time between broadcasts while a node is drained or killed (they must keep flowing, so
+    /// that a loss would show; a broadcast to a million takes seconds on 2 cores).
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    loss_interval: Duration,
     /// Publishing connections to the admin API.
     #[arg(long, default_value_t = 8)]
     publishers: usize,
@@ -645,8 +649,8 @@ async fn lose_node(
     let mut signalled = false;
     // Seconds from t0 to the signal: resumes are charted from the signal.
     let mut signal_offset = signal_at.as_secs_f64();
-    let limit = Duration::from_secs(120);
-    let tick = Duration::from_millis(200);
+    let limit = Duration::from_secs(180);
+    let tick = args.loss_interval;
     let bar = progress(held, event);
     let mut k = 0u64;
     loop {

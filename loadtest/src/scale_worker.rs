@@ -336,6 +336,10 @@ async fn connection(ctx: Rc<Ctx>, id: usize) {
             Ended::Failed(reason) => {
                 ctx.fail(&reason);
                 attempts += 1;
+                if conn.first {
+                    // Not live yet: the next attempt starts a session of its own.
+                    conn.session.clear();
+                }
                 if conn.first && attempts >= 3 {
                     ctx.stats.borrow_mut().failed += 1;
                     ctx.in_flight.set(ctx.in_flight.get() - 1);
@@ -516,7 +520,10 @@ fn text(
             if let Some(session) = ws::string_after(payload, br#""session":""#) {
                 conn.session = session.to_owned();
             }
-            if resuming && resumed {
+            // The resume restored the subscription only where `welcome.channels` names it (a
+            // session whose subscribe had failed comes back without it).
+            let channel = format!("\"{}\":", ctx.channel_name(conn.channel));
+            if resuming && resumed && contains(payload, channel.as_bytes()) {
                 if contains(payload, br#""recovered":false"#) {
                     ctx.stats.borrow_mut().recovered_false += 1;
                 }
