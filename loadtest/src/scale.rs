@@ -55,7 +55,7 @@ pub struct Args {
     #[arg(long, default_value = "127.0.1.1")]
     first_source: Ipv4Addr,
     /// Handshakes a second, all workers together.
-    #[arg(long, default_value_t = 5000.0)]
+    #[arg(long, default_value_t = 3000.0)]
     rate: f64,
     /// Channels; connection g subscribes to g mod C. A broadcast publishes to every channel.
     #[arg(short = 'c', long, default_value_t = 1)]
@@ -255,6 +255,18 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         "steps go upward"
     );
     let workers = (largest as usize).div_ceil(args.per_worker).max(1);
+    // Where connection tracking is on, loopback connections take an entry each (and keep it
+    // for minutes after they close): a full table drops SYNs silently, and the ramp stalls on
+    // connect timeouts.
+    if let Some(max) = scale_probe::conntrack_max() {
+        if max < largest + largest / 4 + 10_000 {
+            eprintln!(
+                "scale: net.netfilter.nf_conntrack_max is {max}: the ramp will stall near it; \
+                 raise it (sysctl -w net.netfilter.nf_conntrack_max={})",
+                (largest * 2).next_power_of_two()
+            );
+        }
+    }
     std::fs::create_dir_all(&args.out)?;
     let out = args.out.canonicalize()?;
     let mut cluster = match &args.cluster_dir {
@@ -281,7 +293,14 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             .await?
         }
     };
-    let result = measure(&args, &mut cluster, workers, &out).await;
+    // Ctrl-C or SIGTERM ends the run early: the workers are killed with the measuring future
+    // (kill on drop), the nodes and Redis stopped below.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        result = measure(&args, &mut cluster, workers, &out) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = terminate.recv() => Err(anyhow::anyhow!("terminated")),
+    };
     if args.cluster_dir.is_none() {
         cluster.stop(Duration::from_secs(40));
     }

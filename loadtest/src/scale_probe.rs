@@ -42,6 +42,15 @@ pub fn machine() -> anyhow::Result<Machine> {
     })
 }
 
+/// The size of the kernel's connection tracking table, where it is loaded.
+pub fn conntrack_max() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// `inuse` and `mem` of `TCP: inuse 20002 orphan 0 tw 37449 alloc 20002 mem 67`.
 fn tcp_line(sockstat: &str) -> Option<(u64, u64)> {
     let line = sockstat.lines().find(|l| l.starts_with("TCP:"))?;
