@@ -6,6 +6,10 @@
 #
 # Usage: deploy/local/up.sh [N]
 #
+# For many nodes (a million connections needs 50 or more at ~19,000 sockets a node), see
+# deploy/SCALING.md: BGW_LOCAL_NGINX=0 deploy/local/up.sh 58, then
+# loadtest scale --cluster-dir target/local-cluster.
+#
 # Environment (all optional):
 #   BGW_LOCAL_PORT        nginx, where clients connect (default 8080); node i listens on
 #                         BGW_LOCAL_PORT + i (8081, 8082, ...)
@@ -16,6 +20,8 @@
 #                         (default target/local-cluster)
 #   BGW_GATEWAY_BIN       the gateway binary (default: `cargo build --release -p gateway`, or
 #                         target/release/gateway, target/debug/gateway, `gateway` on the PATH)
+#   BGW_LOCAL_NGINX       0 to start no nginx: clients connect to the nodes themselves, as
+#                         `loadtest scale --cluster-dir` does (default 1)
 # Other BGW_ variables (BGW_API_KEY, BGW_JWT_SECRET, ...) reach every node.
 #
 # Needs Debian's (or Ubuntu's) redis-server and nginx: sudo apt-get install -y redis-server nginx
@@ -42,9 +48,11 @@ done
 
 # --- what the machine must have -------------------------------------------------------------
 
+with_nginx=${BGW_LOCAL_NGINX:-1}
+[[ ${with_nginx} == [01] ]] || die "BGW_LOCAL_NGINX is 0 or 1, not ${with_nginx}"
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+((with_nginx == 0)) || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 if ((${#missing[@]} > 0)); then
     die "${missing[*]} not found; install with: sudo apt-get install -y ${missing[*]}"
 fi
@@ -91,7 +99,8 @@ listening() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-ports=("${port}" "${redis_port}")
+ports=("${redis_port}")
+((with_nginx == 0)) || ports+=("${port}")
 for i in $(seq "${nodes}"); do
     ports+=("$(node_port "${i}")" "$(admin_port_of "${i}")")
 done
@@ -189,23 +198,25 @@ done <"${pids_file}"
 
 # --- nginx ----------------------------------------------------------------------------------
 
-# The shipped config, with only the address of its one `listen 8080 ...` line changed.
-shipped="${repo}/nginx/nginx.conf"
-[[ $(grep -cE '^[[:space:]]*listen[[:space:]]+8080[[:space:]]' "${shipped}") == 1 ]] ||
-    die "${shipped} no longer has exactly one \`listen 8080 ...\` line"
-sed -E "s/^([[:space:]]*listen[[:space:]]+)8080([[:space:]])/\\1127.0.0.1:${port}\\2/" \
-    "${shipped}" >"${dir}/nginx/nginx.conf"
-for i in $(seq "${nodes}"); do
-    echo "server 127.0.0.1:$(node_port "${i}") max_fails=1 fail_timeout=10s;"
-done >"${dir}/nginx/upstreams.conf"
-nginx -q -t -p "${dir}/nginx/" -c nginx.conf -e stderr 2>>"${dir}/logs/nginx.log" ||
-    die "nginx rejects the config; see ${dir}/logs/nginx.log"
-# `daemon off` in the shipped config: $! is the master. The access log (stdout) has a file of
-# its own.
-nginx -p "${dir}/nginx/" -c nginx.conf -e stderr \
-    </dev/null >>"${dir}/logs/nginx-access.log" 2>>"${dir}/logs/nginx.log" &
-record nginx $!
-wait_until 10 nginx "$!" http_ok "${port}" /nginx-health
+if ((with_nginx == 1)); then
+    # The shipped config, with only the address of its one `listen 8080 ...` line changed.
+    shipped="${repo}/nginx/nginx.conf"
+    [[ $(grep -cE '^[[:space:]]*listen[[:space:]]+8080[[:space:]]' "${shipped}") == 1 ]] ||
+        die "${shipped} no longer has exactly one \`listen 8080 ...\` line"
+    sed -E "s/^([[:space:]]*listen[[:space:]]+)8080([[:space:]])/\\1127.0.0.1:${port}\\2/" \
+        "${shipped}" >"${dir}/nginx/nginx.conf"
+    for i in $(seq "${nodes}"); do
+        echo "server 127.0.0.1:$(node_port "${i}") max_fails=1 fail_timeout=10s;"
+    done >"${dir}/nginx/upstreams.conf"
+    nginx -q -t -p "${dir}/nginx/" -c nginx.conf -e stderr 2>>"${dir}/logs/nginx.log" ||
+        die "nginx rejects the config; see ${dir}/logs/nginx.log"
+    # `daemon off` in the shipped config: $! is the master. The access log (stdout) has a file of
+    # its own.
+    nginx -p "${dir}/nginx/" -c nginx.conf -e stderr \
+        </dev/null >>"${dir}/logs/nginx-access.log" 2>>"${dir}/logs/nginx.log" &
+    record nginx $!
+    wait_until 10 nginx "$!" http_ok "${port}" /nginx-health
+fi
 
 trap - EXIT INT TERM
 
@@ -213,18 +224,24 @@ trap - EXIT INT TERM
 
 admin1="http://127.0.0.1:$(admin_port_of 1)"
 {
-    echo "BGW_LOCAL_CLIENT_URL=ws://127.0.0.1:${port}/ws"
+    ((with_nginx == 0)) || echo "BGW_LOCAL_CLIENT_URL=ws://127.0.0.1:${port}/ws"
     echo "BGW_LOCAL_REDIS_URL=${redis_url}"
     for i in $(seq "${nodes}"); do
         echo "BGW_LOCAL_ADMIN_URL_${i}=http://127.0.0.1:$(admin_port_of "${i}")"
+        echo "BGW_LOCAL_NODE_ADDR_${i}=127.0.0.1:$(node_port "${i}")"
     done
 } >"${dir}/cluster.env"
 
-cat <<EOF
+if ((with_nginx == 1)); then
+    cat <<EOF
 Local cluster up: ${nodes} gateway nodes on Redis behind nginx (state and logs: ${dir}).
 
   clients (nginx)  ws://127.0.0.1:${port}/ws      curl -fsS http://127.0.0.1:${port}/nginx-health
 EOF
+else
+    echo "Local cluster up: ${nodes} gateway nodes on Redis, no nginx (state and logs: ${dir})."
+    echo
+fi
 for i in $(seq "${nodes}"); do
     printf '  gateway-%-7s  ws://127.0.0.1:%s/ws  admin http://127.0.0.1:%s   curl -fsS http://127.0.0.1:%s/readyz\n' \
         "${i}" "$(node_port "${i}")" "$(admin_port_of "${i}")" "$(admin_port_of "${i}")"

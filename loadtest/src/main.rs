@@ -11,6 +11,13 @@ mod fanout;
 mod floor;
 mod publish;
 mod report;
+mod scale;
+mod scale_chart;
+mod scale_cluster;
+mod scale_fleet;
+mod scale_probe;
+mod scale_worker;
+mod scale_ws;
 mod socket;
 mod tcp_info;
 
@@ -59,6 +66,14 @@ enum Scenario {
     /// The reader process of `floor`.
     #[command(hide = true)]
     FloorReader(floor::ReaderArgs),
+    /// N nodes on one Redis, the client spread over worker processes and source addresses:
+    /// ramps through steps of connections, broadcasts at each and times the last receiver,
+    /// records memory and CPU on every side, drains and kills a node at the largest size.
+    /// Writes CSV and SVG charts to --out.
+    Scale(scale::Args),
+    /// A worker process of `scale`.
+    #[command(hide = true)]
+    ScaleWorker(scale_worker::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,11 +84,14 @@ fn main() -> anyhow::Result<()> {
         // The floor's writer runs alone on its thread: no runtime, no other work in its CPU time.
         Scenario::Floor(args) => floor::run(args)?,
         Scenario::FloorReader(args) => return floor::read(args),
+        // A worker is one thread holding thousands of sockets: its own runtime.
+        Scenario::ScaleWorker(args) => return scale_worker::run(args),
         Scenario::Connections(args) => on_runtime(connections::run(args))?,
         Scenario::Fanout(args) => on_runtime(fanout::run(args))?,
         Scenario::Churn(args) => on_runtime(churn::run(args))?,
         Scenario::Drain(args) => on_runtime(drain::run(args))?,
         Scenario::Publish(args) => on_runtime(publish::run(args))?,
+        Scenario::Scale(args) => on_runtime(scale::run(args))?,
     };
     report.print(cli.json);
     Ok(())
