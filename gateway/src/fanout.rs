@@ -94,6 +94,8 @@ pub struct Message {
     pub channel: Arc<str>,
     pub seq: u64,
     pub frame: Bytes,
+    /// When the node had it from its broker, for the delivery delay.
+    pub received: std::time::Instant,
 }
 
 pub struct Fanout {
@@ -344,6 +346,10 @@ impl ShardState {
                 }
                 subscriber.after = group[group.len() - 1].seq;
                 subscriber.cursor.advance(subscriber.after);
+            }
+            for message in group {
+                let delay = message.received.elapsed().as_secs_f64();
+                self.metrics.delivery_delay.observe(delay);
             }
         }
         self.metrics.deliveries.inc_by(delivered);

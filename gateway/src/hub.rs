@@ -479,6 +479,7 @@ impl Channel {
             channel: self.name.clone(),
             seq: delivery.seq,
             frame: wire::message(&self.json, delivery.seq, &delivery.data),
+            received: std::time::Instant::now(),
         };
         for shard in self.shards() {
             fanout.send(shard, Command::Message(message.clone()));

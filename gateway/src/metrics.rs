@@ -213,7 +213,7 @@ impl Metrics {
             ),
             delivery_delay: histogram(
                 "bgw_delivery_delay_seconds",
-                "Time from a message's publish to its fan-out on this node.",
+                "Time from the hub taking a message from the broker to its write to the last local subscriber's socket, per message and fan-out shard.",
             ),
             broker_events_queued: gauge(
                 "bgw_broker_events_queued",

@@ -51,6 +51,10 @@ async fn a_reader_that_stalls_gets_every_message_in_order_once_it_reads_again() 
     let next = gw.publish_ok(&news, r#"{"after":"backlog"}"#).await.seq;
     assert_eq!(client.recv_message().await.seq, next);
     assert_eq!(next, last + 1);
+
+    // Each message's time through the node was observed.
+    let observed = gw.metric("bgw_delivery_delay_seconds_count").await;
+    assert!(observed >= (next - start) as f64, "{observed}");
 }
 
 #[tokio::test]
