@@ -136,6 +136,12 @@ async fn sigterm_drains_every_client_to_another_node_with_nothing_lost() {
     let status = a.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "the drained node exits 0: {status:?}");
     assert!(a.logs().contains("drained"), "{}", a.logs());
+    // Every task of the node stopped: a task still running would be named in the log.
+    assert!(
+        a.logs().contains("every task of the node stopped"),
+        "{}",
+        a.logs()
+    );
 
     publisher.await.expect("the publisher finished");
     for follower in followers {
