@@ -700,7 +700,7 @@ async fn lose_node(
     }
     bar.finish_and_clear();
     // A few more broadcasts after the last resume, to see that live delivery goes on.
-    for _ in 0..5 {
+    for _ in 0..2 {
         tokio::time::sleep(tick).await;
         publisher.round(*round_id).await;
         *round_id += 1;
