@@ -85,8 +85,30 @@ impl Node {
 
     /// Publishes through the broker, for clients and the admin API alike.
     pub async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
+        self.counted(self.broker.publish(channel, data)).await
+    }
+
+    /// Publishes unless the same idempotency `key` published to the channel within the
+    /// configured window; counted as every publish is.
+    pub async fn publish_once(
+        &self,
+        channel: &str,
+        data: Bytes,
+        key: &str,
+    ) -> Result<Published, BrokerError> {
+        let window = self.config.idempotency_window;
+        self.counted(self.broker.publish_once(channel, data, key, window))
+            .await
+    }
+
+    /// A publish, with its metrics: published, failed, and how long it took.
+    async fn counted(
+        &self,
+        publish: impl std::future::Future<Output = Result<Published, BrokerError>>,
+    ) -> Result<Published, BrokerError> {
         let started = Instant::now();
-        let published = (self.broker.publish(channel, data).await)
+        let published = publish
+            .await
             .inspect_err(|_| self.metrics.publish_errors.inc())?;
         self.metrics.published.inc();
         self.metrics

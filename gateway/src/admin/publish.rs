@@ -4,7 +4,6 @@
 //! publish's answer and publishes nothing.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
@@ -214,21 +213,11 @@ fn placed(channel: &str, published: &Published) -> Value {
 
 /// One publish, idempotent where it has a key, counted as every publish is.
 async fn publish(node: &Node, message: &Checked<'_>) -> Result<Published, BrokerError> {
-    let Some(key) = message.key else {
-        return node.publish(message.channel, message.data.clone()).await;
-    };
-    let started = Instant::now();
-    let window = node.config.idempotency_window;
-    let published = node
-        .broker
-        .publish_once(message.channel, message.data.clone(), key, window)
-        .await
-        .inspect_err(|_| node.metrics.publish_errors.inc())?;
-    node.metrics.published.inc();
-    node.metrics
-        .publish_seconds
-        .observe(started.elapsed().as_secs_f64());
-    Ok(published)
+    let data = message.data.clone();
+    match message.key {
+        Some(key) => node.publish_once(message.channel, data, key).await,
+        None => node.publish(message.channel, data).await,
+    }
 }
 
 #[cfg(test)]
