@@ -4,36 +4,15 @@
 //! every connection, the lost nodes' connections resume elsewhere with nothing lost, the CSV
 //! files and charts are written, and nothing it started is left running. Never a speed.
 
+mod common;
 #[path = "../../gateway/tests/redis_server/mod.rs"]
 mod redis_server;
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::Command;
 
+use common::gateway_binary;
 use serde_json::Value;
-
-/// The gateway binary next to this package's `loadtest`, built first when it is missing.
-fn gateway_binary() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadtest"))
-        .parent()
-        .unwrap()
-        .to_owned();
-    let binary = dir.join("gateway");
-    if !binary.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-p", "gateway", "--bin", "gateway"]);
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        assert!(
-            build.status().unwrap().success(),
-            "building the gateway failed"
-        );
-    }
-    binary
-}
 
 /// A base port below the ephemeral range with BASE..BASE+N and BASE+1000..BASE+1000+N free.
 fn free_base(nodes: u16) -> u16 {

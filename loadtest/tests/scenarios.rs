@@ -1,39 +1,18 @@
 //! A short run of every scenario against real nodes: small numbers, seconds, and nothing lost.
 //! These check the tool and the gateway's guarantees; they never assert a speed.
 
+mod common;
 #[path = "../../gateway/tests/redis_server/mod.rs"]
 mod redis_server;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::gateway_binary;
 use redis_server::{free_port, wait_for, RedisServer};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// The gateway binary next to this package's `loadtest`, built first when it is missing.
-fn gateway_binary() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadtest"))
-        .parent()
-        .unwrap()
-        .to_owned();
-    let binary = dir.join("gateway");
-    if !binary.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-p", "gateway", "--bin", "gateway"]);
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        assert!(
-            build.status().expect("cargo runs").success(),
-            "building the gateway failed"
-        );
-    }
-    binary
-}
 
 /// A gateway process on free loopback ports, killed by its pid when dropped.
 struct Node {
