@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -12,11 +12,17 @@ use tokio::net::TcpStream;
 
 pub struct Admin {
     authority: String,
+    /// `Bearer <key>` where the node has an API key.
+    authorization: Option<String>,
     sender: SendRequest<Full<Bytes>>,
 }
 
 impl Admin {
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        Self::connect_with_key(url, None).await
+    }
+
+    pub async fn connect_with_key(url: &str, api_key: Option<String>) -> anyhow::Result<Self> {
         let authority = url
             .strip_prefix("http://")
             .context("an http:// admin URL")?
@@ -29,23 +35,32 @@ impl Admin {
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        Ok(Self { authority, sender })
+        Ok(Self {
+            authority,
+            authorization: api_key.map(|key| format!("Bearer {key}")),
+            sender,
+        })
     }
 
-    async fn request(
+    pub async fn request(
         &mut self,
         method: Method,
         path: &str,
         body: Bytes,
     ) -> anyhow::Result<(u16, Bytes)> {
         self.sender.ready().await?;
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header(HOST, &self.authority)
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(body))?;
-        let response = self.sender.send_request(request).await?;
+            .header(CONTENT_TYPE, "application/json");
+        if let Some(authorization) = &self.authorization {
+            request = request.header(AUTHORIZATION, authorization);
+        }
+        let response = self
+            .sender
+            .send_request(request.body(Full::new(body))?)
+            .await?;
         let status = response.status().as_u16();
         Ok((status, response.into_body().collect().await?.to_bytes()))
     }

@@ -6,16 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use bytes::Bytes;
 use clap::Args as ClapArgs;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper::Method;
 
+use crate::admin::Admin;
 use crate::report::{histogram, percentiles, Report};
 
 #[derive(ClapArgs, Debug)]
@@ -64,7 +60,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let deadline = started + args.duration;
     let mut clients = Vec::with_capacity(args.clients);
     for k in 0..args.clients {
-        let client = Client::connect(&args.admin, args.api_key.clone()).await?;
+        let admin = Admin::connect_with_key(&args.admin, args.api_key.clone()).await?;
+        let client = Client { admin };
         let bodies = bodies.clone();
         clients.push(tokio::spawn(client.publish_until(deadline, bodies, k)));
     }
@@ -93,33 +90,12 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// One publishing client: an admin API connection of its own.
 struct Client {
-    authority: String,
-    authorization: Option<String>,
-    sender: SendRequest<Full<Bytes>>,
+    admin: Admin,
 }
 
 impl Client {
-    async fn connect(url: &str, api_key: Option<String>) -> anyhow::Result<Self> {
-        let authority = url
-            .strip_prefix("http://")
-            .context("an http:// admin URL")?
-            .trim_end_matches('/')
-            .to_owned();
-        let stream = TcpStream::connect(&authority)
-            .await
-            .with_context(|| format!("connecting to {authority}"))?;
-        stream.set_nodelay(true)?;
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
-        Ok(Self {
-            authority,
-            authorization: api_key.map(|key| format!("Bearer {key}")),
-            sender,
-        })
-    }
-
     /// Publishes one message after another until the deadline, client `k` starting at channel
     /// `k`. A failed publish counts as an error; a broken connection ends the run.
     async fn publish_until(
@@ -151,21 +127,10 @@ impl Client {
     }
 
     async fn publish(&mut self, body: Bytes) -> anyhow::Result<u16> {
-        self.sender.ready().await?;
-        let mut request = Request::builder()
-            .method(Method::POST)
-            .uri("/v1/publish")
-            .header(HOST, &self.authority)
-            .header(CONTENT_TYPE, "application/json");
-        if let Some(authorization) = &self.authorization {
-            request = request.header(AUTHORIZATION, authorization);
-        }
-        let response = self
-            .sender
-            .send_request(request.body(Full::new(body))?)
+        let (status, _) = self
+            .admin
+            .request(Method::POST, "/v1/publish", body)
             .await?;
-        let status = response.status().as_u16();
-        response.into_body().collect().await?;
         if status == 401 {
             bail!("the admin API refused the key (401)");
         }
