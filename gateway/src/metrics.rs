@@ -36,6 +36,9 @@ pub const REJECTION_REASONS: &[&str] = &[
     "timeout",
 ];
 
+/// `what` of `bgw_session_saves_total`: what the session saver wrote.
+pub const SESSION_SAVES: &[&str] = &["record", "positions"];
+
 /// `limit` of `bgw_limit_hits_total`: the limit that refused a request.
 pub const LIMITS: &[&str] = &["rate", "subscriptions", "publish_size", "user_connections"];
 
@@ -90,6 +93,9 @@ pub struct Metrics {
     pub resyncs_in_progress: IntGauge,
     pub sessions_resumed: IntCounter,
     pub sessions_taken_over: IntCounter,
+    /// Writes of the session saver, by what was written: `record` (one session's) or
+    /// `positions` (the node's).
+    pub session_saves: IntCounterVec,
 }
 
 impl Metrics {
@@ -247,6 +253,12 @@ impl Metrics {
                 "bgw_sessions_taken_over_total",
                 "Connections closed because another took their session.",
             ),
+            session_saves: labelled(
+                "bgw_session_saves_total",
+                "Session writes to the broker, by what was written (record, positions).",
+                "what",
+                &strings(SESSION_SAVES),
+            ),
             registry,
         }
     }
@@ -333,6 +345,7 @@ mod tests {
                 strings(REJECTION_REASONS),
             ),
             ("bgw_limit_hits_total", "limit", strings(LIMITS)),
+            ("bgw_session_saves_total", "what", strings(SESSION_SAVES)),
             ("bgw_closes_total", "code", close_codes()),
         ] {
             for value in values {
@@ -443,8 +456,9 @@ mod tests {
             include_str!("broker/redis/link.rs"),
             include_str!("broker/redis/mod.rs"),
             include_str!("broker/embedded.rs"),
+            include_str!("session.rs"),
         ];
-        let known: Vec<&str> = [DROP_REASONS, REJECTION_REASONS, LIMITS].concat();
+        let known: Vec<&str> = [DROP_REASONS, REJECTION_REASONS, LIMITS, SESSION_SAVES].concat();
         let mut seen = 0;
         for source in sources {
             let mut rest = source;

@@ -50,6 +50,7 @@ impl Node {
             broker.clone(),
             metrics.clone(),
             config.session_ttl,
+            id.clone(),
         ));
         let user_connections = UserConnections::new(
             config.max_connections_per_user,

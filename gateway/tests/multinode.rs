@@ -221,6 +221,73 @@ async fn clients_of_a_killed_node_resume_elsewhere_with_zero_loss() {
     }
 }
 
+const RECORDS: &str = r#"bgw_session_saves_total{what="record"}"#;
+const POSITIONS: &str = r#"bgw_session_saves_total{what="positions"}"#;
+
+/// Waits for two more saves of `node`'s positions: the second reads positions that were
+/// current when this was called.
+async fn positions_saved(node: &Gateway) {
+    let saved = node.metric(POSITIONS).await;
+    node.wait_metric(POSITIONS, saved + 2.0).await;
+}
+
+/// A broadcast writes no session record: the node saves its own position on the channel, and a
+/// client of a node killed after that resumes, without positions of its own, on another node
+/// from there, with nothing lost and nothing repeated.
+async fn killed_node_clients_resume_from_the_node_positions(url: &str) {
+    let a = node(url, "positions-a");
+    let b = node(url, "positions-b");
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut client = a.connect().await;
+        let session = hello(&mut client, None, BTreeMap::new()).await.session;
+        client.subscribe("p").await;
+        clients.push((client, session));
+    }
+    positions_saved(&a).await;
+    let records = a.metric(RECORDS).await;
+    for n in 1..=10 {
+        publish(&b, "p", json!(n)).await;
+    }
+    for (client, _) in &mut clients {
+        assert_eq!(
+            seqs(&messages(client, 10).await),
+            (1..=10).collect::<Vec<_>>()
+        );
+    }
+    positions_saved(&a).await;
+    assert_eq!(
+        a.metric(RECORDS).await,
+        records,
+        "a broadcast wrote session records"
+    );
+    drop(a); // SIGKILL
+    for n in 11..=15 {
+        publish(&b, "p", json!(n)).await;
+    }
+    for (_, session) in &clients {
+        let mut client = b.connect().await;
+        let welcome = hello(&mut client, Some(session), BTreeMap::new()).await;
+        assert!(welcome.resumed && welcome.channels["p"].recovered);
+        assert_eq!(
+            seqs(&messages(&mut client, 5).await),
+            (11..=15).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_clients_resume_from_the_node_positions_on_redis() {
+    let redis = RedisServer::start(false);
+    killed_node_clients_resume_from_the_node_positions(&redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_clients_resume_from_the_node_positions_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    killed_node_clients_resume_from_the_node_positions(&cluster.url()).await;
+}
+
 /// Redis stopped and started again (with persistence): readiness follows it, publishing fails
 /// with 503 and then recovers, and connected clients get later messages without reconnecting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

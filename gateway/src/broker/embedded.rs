@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Broker, BrokerError, Control, Delivery, Event, Events, History, HistoryLimits, Owner,
-    Published, SessionRecord, CHANNEL_TTL,
+    Broker, BrokerError, Control, Delivery, Event, Events, History, HistoryLimits, NodePositions,
+    Owner, Published, SessionRecord, CHANNEL_TTL,
 };
 use crate::ids;
 use crate::presence::Member;
@@ -49,6 +49,8 @@ struct State {
     user_connections: HashMap<String, HashMap<String, Instant>>,
     /// Members of presence channels, by channel and session, each with its expiry.
     presence: HashMap<Arc<str>, HashMap<String, (Member, Instant)>>,
+    /// Each node's last saved positions, and when they expire.
+    positions: HashMap<String, (NodePositions, Instant)>,
 }
 
 /// A session as the embedded broker keeps it: its record encoded (as Redis keeps it), which
@@ -150,8 +152,10 @@ impl EmbeddedBroker {
             ended,
             user_connections,
             presence,
+            positions,
             ..
         } = &mut *state;
+        positions.retain(|_, (_, expires)| *expires > now);
         once.retain(|_, (_, expires)| *expires > now);
         ended.retain(|_, until| *until > now);
         user_connections.retain(|_, members| {
@@ -365,6 +369,40 @@ impl Broker for EmbeddedBroker {
             }
         }
         Ok(())
+    }
+
+    async fn save_positions(
+        &self,
+        node: &str,
+        positions: &NodePositions,
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let expires = Instant::now() + ttl;
+        let mut state = self.state.lock();
+        state
+            .positions
+            .insert(node.to_owned(), (positions.clone(), expires));
+        Ok(())
+    }
+
+    async fn load_positions(
+        &self,
+        node: &str,
+        channels: &[&str],
+    ) -> Result<Option<NodePositions>, BrokerError> {
+        let now = Instant::now();
+        let state = self.state.lock();
+        let Some((saved, _)) = state.positions.get(node).filter(|(_, e)| *e > now) else {
+            return Ok(None);
+        };
+        Ok(Some(NodePositions {
+            instance: saved.instance,
+            tick: saved.tick,
+            channels: channels
+                .iter()
+                .filter_map(|c| Some((c.to_string(), saved.channels.get(*c)?.clone())))
+                .collect(),
+        }))
     }
 
     async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError> {

@@ -190,6 +190,31 @@ pub struct SessionRecord {
     pub subject: String,
     pub subscriptions: BTreeMap<String, Position>,
     pub owner: Owner,
+    /// Set on the record of a live connection: its positions are where it stood at the save,
+    /// and a later save of its node's positions may carry them further (see
+    /// [`crate::session`]). `None` on a record saved when the connection ended: exact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follows: Option<Follows>,
+}
+
+/// The node (one run of it) whose saved positions a live session's record follows, and the
+/// tick of the node's saver when the record was made: node positions of a later tick are
+/// never ahead of where the session stood.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Follows {
+    pub node: String,
+    pub instance: u64,
+    pub tick: u64,
+}
+
+/// A node's positions of its channels at one tick of its saver: on each channel, a position
+/// that no subscriber of the node is behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePositions {
+    /// One run of the node: a node restarted under the same name starts another.
+    pub instance: u64,
+    pub tick: u64,
+    pub channels: BTreeMap<String, Position>,
 }
 
 /// The connection that holds a session; only its saves are taken.
@@ -266,6 +291,21 @@ pub trait Broker: Send + Sync + 'static {
         records: &[SessionRecord],
         ttl: Duration,
     ) -> Result<(), BrokerError>;
+
+    /// Replaces the node's positions; they expire after `ttl` unless saved again.
+    async fn save_positions(
+        &self,
+        node: &str,
+        positions: &NodePositions,
+        ttl: Duration,
+    ) -> Result<(), BrokerError>;
+
+    /// The node's last saved positions of `channels` (those it has), with their run and tick.
+    async fn load_positions(
+        &self,
+        node: &str,
+        channels: &[&str],
+    ) -> Result<Option<NodePositions>, BrokerError>;
 
     /// Tells the owner's node that its connection lost the session to another one.
     async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError>;

@@ -17,6 +17,9 @@
 //! - `bgw:session:{id}`: a hash with `record` (JSON) and `owner` (JSON), expiring after the
 //!   session TTL.
 //! - `bgw:node:{node}`: a node's control topic, for session takeovers.
+//! - `bgw:positions:{node}`: a hash of the node's positions (`c:<channel>` to a JSON position,
+//!   `run` to `<instance>:<tick>`), replaced at each save of its sessions and expiring after
+//!   the session TTL.
 //! - `bgw:nodes`: a sorted set of node ids, scored by when their last report expires (ms since
 //!   the epoch); `bgw:channels:{node}`: a hash of the node's channels and their local subscriber
 //!   counts, replaced at each report and expiring with it.
@@ -74,6 +77,14 @@ pub fn node_channels_keys(node: &str) -> [String; 2] {
     [
         format!("bgw:channels:{{{node}}}"),
         format!("bgw:channels:{{{node}}}:next"),
+    ]
+}
+
+/// A node's positions; the next save is written beside them and renamed over them.
+pub fn node_positions_keys(node: &str) -> [String; 2] {
+    [
+        format!("bgw:positions:{{{node}}}"),
+        format!("bgw:positions:{{{node}}}:next"),
     ]
 }
 

@@ -28,15 +28,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use self::keys::{
-    channel_keys, channel_topic, control_topic, node_channels_keys, once_key, presence_keys,
-    session_key, user_connections_key, TakeoverNotice, CONTROL_TOPIC, NODES_KEY,
+    channel_keys, channel_topic, control_topic, node_channels_keys, node_positions_keys, once_key,
+    presence_keys, session_key, user_connections_key, TakeoverNotice, CONTROL_TOPIC, NODES_KEY,
 };
 use self::link::{Link, LinkState};
 use self::scripts::Scripts;
 use self::target::{Target, TlsFiles};
 use super::{
-    Broker, BrokerError, Control, Events, History, HistoryLimits, Owner, Published, SessionRecord,
-    SetupError, CHANNEL_TTL,
+    Broker, BrokerError, Control, Events, History, HistoryLimits, NodePositions, Owner, Published,
+    SessionRecord, SetupError, CHANNEL_TTL,
 };
 use crate::config::Config;
 use crate::ids;
@@ -459,6 +459,70 @@ impl Broker for RedisBroker {
             }
         }
         Ok(())
+    }
+
+    async fn save_positions(
+        &self,
+        node: &str,
+        positions: &NodePositions,
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let [key, next] = node_positions_keys(node);
+        let run = format!("{}:{}", positions.instance, positions.tick);
+        let mut commands = vec![
+            redis::cmd("DEL").arg(&next).to_owned(),
+            redis::cmd("HSET").arg(&next).arg("run").arg(run).to_owned(),
+        ];
+        let channels: Vec<_> = positions.channels.iter().collect();
+        for chunk in channels.chunks(SAVE_BATCH) {
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&next);
+            for (channel, position) in chunk {
+                hset.arg(format!("c:{channel}")).arg(to_json(position)?);
+            }
+            commands.push(hset);
+        }
+        commands.push(redis::cmd("RENAME").arg(&next).arg(&key).to_owned());
+        commands.push(redis::cmd("PEXPIRE").arg(&key).arg(millis(ttl)).to_owned());
+        // In order, on one shard (both keys carry the node's hash tag).
+        for cmd in commands {
+            self.query::<Value>(Request::Cmd(cmd)).await?;
+        }
+        Ok(())
+    }
+
+    async fn load_positions(
+        &self,
+        node: &str,
+        channels: &[&str],
+    ) -> Result<Option<NodePositions>, BrokerError> {
+        let [key, _] = node_positions_keys(node);
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(&key).arg("run");
+        for channel in channels {
+            cmd.arg(format!("c:{channel}"));
+        }
+        let mut values: Vec<Option<String>> = self.query(Request::Cmd(cmd)).await?;
+        let saved = values.remove(0);
+        let Some((instance, tick)) = saved.as_deref().and_then(|run| run.split_once(':')) else {
+            return Ok(None);
+        };
+        let (Ok(instance), Ok(tick)) = (instance.parse(), tick.parse()) else {
+            return Err(protocol("malformed node positions"));
+        };
+        let channels = channels
+            .iter()
+            .zip(values)
+            .filter_map(|(channel, value)| {
+                let position = serde_json::from_str(&value?).ok()?;
+                Some((channel.to_string(), position))
+            })
+            .collect();
+        Ok(Some(NodePositions {
+            instance,
+            tick,
+            channels,
+        }))
     }
 
     async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError> {
