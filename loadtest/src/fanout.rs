@@ -8,16 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
-use futures_util::StreamExt;
 use hdrhistogram::Histogram;
-use serde_json::json;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::admin::Admin;
 use crate::delivery;
+use crate::raw;
 use crate::report::{percentiles, progress, Report};
-use crate::socket::{self, message_seq_and_time, now_micros, Targets};
+use crate::socket::{message_seq_and_time, now_micros, Targets};
 use crate::tcp_info;
 
 #[derive(ClapArgs, Debug)]
@@ -77,15 +75,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let bar = progress(args.subscribers as u64, "subscribing");
     let mut subscribers = Vec::with_capacity(args.subscribers);
     for i in 0..args.subscribers {
-        let mut ws = targets.open(i).await?;
-        socket::hello(&mut ws, json!({"type": "hello"})).await?;
-        socket::send(&mut ws, json!({"type": "subscribe", "channel": channel(i)})).await?;
-        let subscribed = socket::recv(&mut ws).await?;
-        anyhow::ensure!(subscribed["type"] == "subscribed", "{subscribed}");
-        let start = subscribed["seq"].as_u64().unwrap_or(0);
-        let segments = tcp_info::data_segments_in(ws.get_ref());
+        let (socket, start) = raw::subscribe(&targets, i, &channel(i)).await?;
+        let segments = tcp_info::data_segments_in(&socket.stream);
         subscribers.push(tokio::spawn(subscriber(
-            ws,
+            socket,
             (start, segments),
             stopped.clone(),
             (delivered.clone(), i),
@@ -235,7 +228,7 @@ fn server_cpu(pids: &[u32]) -> anyhow::Result<Vec<Duration>> {
 }
 
 async fn subscriber(
-    mut ws: socket::Ws,
+    mut socket: raw::Socket,
     (start, segments_before): (u64, Option<u64>),
     mut stopped: watch::Receiver<bool>,
     (counters, index): (Arc<Vec<AtomicU64>>, usize),
@@ -251,38 +244,43 @@ async fn subscriber(
     };
     let mut last = start;
     let mut pings = 0;
-    loop {
-        let message = tokio::select! {
+    'read: loop {
+        tokio::select! {
             _ = stopped.changed() => break,
-            message = ws.next() => message,
-        };
-        let text = match message {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Ping(_))) => {
-                pings += 1;
+            read = socket.read() => if !read? { break },
+        }
+        while let Some((opcode, payload)) = socket.next_frame()? {
+            match opcode {
+                raw::TEXT => {}
+                raw::PING => {
+                    pings += 1;
+                    let payload = payload.to_vec();
+                    socket.pong(payload).await?;
+                    continue;
+                }
+                raw::CLOSE => break 'read,
+                _ => continue,
+            }
+            let Some((seq, sent)) = message_seq_and_time(payload) else {
                 continue;
+            };
+            seen.received += 1;
+            seen.latency_us
+                .saturating_record(now_micros().saturating_sub(sent));
+            if seq <= last {
+                seen.repeated += 1;
+            } else {
+                if seq != last + 1 {
+                    seen.out_of_order += 1;
+                }
+                seen.unique += 1;
+                last = seq;
+                delivered.store(seen.unique, Ordering::Relaxed);
             }
-            Some(Ok(_)) => continue,
-            _ => break,
-        };
-        let Some((seq, sent)) = message_seq_and_time(&text) else {
-            continue;
-        };
-        seen.received += 1;
-        seen.latency_us
-            .saturating_record(now_micros().saturating_sub(sent));
-        if seq <= last {
-            seen.repeated += 1;
-        } else {
-            if seq != last + 1 {
-                seen.out_of_order += 1;
-            }
-            seen.unique += 1;
-            last = seq;
-            delivered.store(seen.unique, Ordering::Relaxed);
         }
     }
-    if let (Some(before), Some(after)) = (segments_before, tcp_info::data_segments_in(ws.get_ref()))
+    if let (Some(before), Some(after)) =
+        (segments_before, tcp_info::data_segments_in(&socket.stream))
     {
         seen.segments = Some(after.saturating_sub(before).saturating_sub(pings));
     }

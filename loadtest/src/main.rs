@@ -10,6 +10,7 @@ mod drain;
 mod fanout;
 mod floor;
 mod publish;
+mod raw;
 mod report;
 mod scale;
 mod scale_chart;

@@ -7,12 +7,12 @@ use anyhow::Context;
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::net::{lookup_host, TcpSocket};
+use tokio::net::{lookup_host, TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-pub type Ws = WebSocketStream<tokio::net::TcpStream>;
+pub type Ws = WebSocketStream<TcpStream>;
 
 #[derive(Args, Clone, Debug)]
 pub struct Targets {
@@ -30,14 +30,21 @@ pub struct Targets {
 impl Targets {
     /// Opens the `i`th client socket: target and source chosen round robin.
     pub async fn open(&self, i: usize) -> anyhow::Result<Ws> {
+        let (stream, url) = self.connect(i).await?;
+        // Small buffers: tens of thousands of these share the machine with the gateway.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+        Ok(ws)
+    }
+
+    /// The TCP connection of the `i`th client socket, not upgraded yet, and its URL.
+    pub async fn connect(&self, i: usize) -> anyhow::Result<(TcpStream, &str)> {
         let url = &self.url[i % self.url.len()];
         let source = self.sources[(i / self.url.len()) % self.sources.len()];
-        let authority = url
-            .split("://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .context("a ws:// URL")?;
-        let addr: SocketAddr = lookup_host(authority)
+        let addr: SocketAddr = lookup_host(authority(url)?)
             .await?
             .next()
             .context("the target resolves")?;
@@ -49,14 +56,16 @@ impl Targets {
         socket.bind(SocketAddr::new(source, 0))?;
         let stream = socket.connect(addr).await?;
         stream.set_nodelay(true)?;
-        // Small buffers: tens of thousands of these share the machine with the gateway.
-        let config = WebSocketConfig::default()
-            .read_buffer_size(4096)
-            .write_buffer_size(0);
-        let (ws, _) =
-            tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(config)).await?;
-        Ok(ws)
+        Ok((stream, url))
     }
+}
+
+/// `host:port` of a `ws://host:port/path` URL.
+pub fn authority(url: &str) -> anyhow::Result<&str> {
+    url.split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .context("a ws:// URL")
 }
 
 /// Sends a JSON frame.
@@ -90,17 +99,25 @@ pub async fn hello(ws: &mut Ws, hello: Value) -> anyhow::Result<Value> {
 /// The seq of a `message` frame and the send time its data carries (`{"t": micros, ...}`),
 /// read without parsing the whole frame: at a million deliveries a second, the measuring
 /// client must cost less than the gateway it measures.
-pub fn message_seq_and_time(text: &str) -> Option<(u64, u64)> {
-    fn number_after(text: &str, key: &str) -> Option<(u64, usize)> {
-        let start = text.find(key)? + key.len();
-        let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
-        Some((text[start..start + digits].parse().ok()?, start + digits))
+pub fn message_seq_and_time(text: &[u8]) -> Option<(u64, u64)> {
+    fn number_after(text: &[u8], key: &[u8]) -> Option<(u64, usize)> {
+        let start = text.windows(key.len()).position(|w| w == key)? + key.len();
+        let digits = text[start..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        let number = text[start..start + digits]
+            .iter()
+            .try_fold(0u64, |n, digit| {
+                n.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+            })?;
+        (digits > 0).then_some((number, start + digits))
     }
-    if !text.starts_with(r#"{"type":"message""#) {
+    if !text.starts_with(br#"{"type":"message""#) {
         return None;
     }
-    let (seq, end) = number_after(text, r#""seq":"#)?;
-    let (sent, _) = number_after(&text[end..], r#""t":"#)?;
+    let (seq, end) = number_after(text, br#""seq":"#)?;
+    let (sent, _) = number_after(&text[end..], br#""t":"#)?;
     Some((seq, sent))
 }
 
@@ -118,9 +135,13 @@ mod tests {
         let text =
             r#"{"type":"message","channel":"c.1","seq":42,"data":{"t":1700000000123456,"p":"xx"}}"#;
         assert_eq!(
-            super::message_seq_and_time(text),
+            super::message_seq_and_time(text.as_bytes()),
             Some((42, 1_700_000_000_123_456))
         );
-        assert_eq!(super::message_seq_and_time(r#"{"type":"pong"}"#), None);
+        assert_eq!(super::message_seq_and_time(br#"{"type":"pong"}"#), None);
+        assert_eq!(
+            super::message_seq_and_time(br#"{"type":"message","seq":,"data":{"t":1}}"#),
+            None
+        );
     }
 }
