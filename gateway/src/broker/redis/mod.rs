@@ -156,7 +156,10 @@ impl RedisBroker {
     }
 
     /// Runs one request on a shared connection, pipelined with the others in flight: for the
-    /// small, frequent requests (publishes), not for long batches that would hold them up.
+    /// small, frequent requests (publishes, and the steps of a handshake and a resume: after a
+    /// node dies, thousands of its clients resume on the others at once, and a pooled
+    /// connection per step ran out of connections), not for long batches that would hold them
+    /// up.
     async fn query_shared<T: redis::FromRedisValue>(
         &self,
         request: Request<'_>,
@@ -397,7 +400,7 @@ impl Broker for RedisBroker {
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(session_key(id)).arg("record").arg("owner");
         let (record, owner): (Option<String>, Option<String>) =
-            self.query(Request::Cmd(cmd)).await?;
+            self.query_shared(Request::Cmd(cmd)).await?;
         Ok(decode_session(record, owner))
     }
 
@@ -413,7 +416,7 @@ impl Broker for RedisBroker {
             .arg(to_json(owner)?)
             .arg(millis(ttl));
         let found: Option<(Option<String>, Option<String>)> =
-            self.query(Request::Script(invocation)).await?;
+            self.query_shared(Request::Script(invocation)).await?;
         Ok(found.and_then(|(record, owner)| decode_session(record, owner)))
     }
 
@@ -502,7 +505,7 @@ impl Broker for RedisBroker {
         for channel in channels {
             cmd.arg(format!("c:{channel}"));
         }
-        let mut values: Vec<Option<String>> = self.query(Request::Cmd(cmd)).await?;
+        let mut values: Vec<Option<String>> = self.query_shared(Request::Cmd(cmd)).await?;
         let saved = values.remove(0);
         let Some((instance, tick)) = saved.as_deref().and_then(|run| run.split_once(':')) else {
             return Ok(None);
@@ -532,7 +535,7 @@ impl Broker for RedisBroker {
         })?;
         let mut cmd = redis::cmd(self.publish_command());
         cmd.arg(control_topic(&previous.node)).arg(notice);
-        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+        self.query_shared::<i64>(Request::Cmd(cmd)).await.map(|_| ())
     }
 
     async fn control(&self, control: &Control) -> Result<(), BrokerError> {
@@ -631,14 +634,14 @@ impl Broker for RedisBroker {
             .arg(now + millis(ttl))
             .arg(member)
             .arg(millis(ttl));
-        let added: i64 = self.query(Request::Cmd(cmd)).await?;
+        let added: i64 = self.query_shared(Request::Cmd(cmd)).await?;
         Ok(added == 1)
     }
 
     async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError> {
         let mut cmd = redis::cmd("ZREM");
         cmd.arg(user_connections_key(user)).arg(member);
-        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+        self.query_shared::<i64>(Request::Cmd(cmd)).await.map(|_| ())
     }
 
     async fn refresh_connections(
