@@ -87,7 +87,7 @@ pub async fn connect(
 pub enum SetupError {
     #[error("--redis-url / BGW_REDIS_URL: {0}")]
     Url(String),
-    #[error("cannot read {flag} {path}: {source}")]
+    #[error("cannot read {flag} {path}")]
     File {
         flag: &'static str,
         path: std::path::PathBuf,
