@@ -293,14 +293,7 @@ impl Broker for EmbeddedBroker {
             .filter(|(seq, _, _)| *seq > after)
             .map(|(seq, data, _)| (*seq, data.clone()))
             .collect();
-        let complete =
-            after <= log.top && messages.first().is_none_or(|(seq, _)| *seq == after + 1);
-        Ok(History {
-            epoch: log.epoch.clone(),
-            top: log.top,
-            complete: complete && (after == log.top || !messages.is_empty()),
-            messages,
-        })
+        Ok(History::new(log.epoch.clone(), log.top, after, messages))
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {

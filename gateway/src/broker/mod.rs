@@ -183,6 +183,30 @@ pub struct History {
     pub complete: bool,
 }
 
+impl History {
+    /// The history of a channel at `epoch` and `top` after the position `after`, from the
+    /// retained `messages` with a seq above it, in order. Complete when they are every seq from
+    /// `after + 1` to `top`, none missing, or when `after` is `top` (nothing to miss). A
+    /// position ahead of the channel is never complete: the client saw messages the channel no
+    /// longer has. That includes `u64::MAX`, which the hub asks with when a client gave no
+    /// position (and does not read `complete` then).
+    pub fn new(epoch: Arc<str>, top: u64, after: u64, messages: Vec<(u64, Bytes)>) -> Self {
+        let complete = after == top
+            || (after < top
+                && messages
+                    .iter()
+                    .zip(after + 1..)
+                    .all(|((seq, _), expected)| *seq == expected)
+                && messages.last().is_some_and(|(seq, _)| *seq == top));
+        Self {
+            epoch,
+            top,
+            messages,
+            complete,
+        }
+    }
+}
+
 /// A session as the broker keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionRecord {
@@ -373,4 +397,30 @@ pub trait Broker: Send + Sync + 'static {
     /// Whether the node's link to the broker is up, as last seen: cheap, without I/O, for the
     /// checks of every handshake. `false` until the first connection, and during an outage.
     fn available(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn complete(seqs: &[u64], after: u64, top: u64) -> bool {
+        let messages = seqs.iter().map(|seq| (*seq, Bytes::new())).collect();
+        History::new("e".into(), top, after, messages).complete
+    }
+
+    #[test]
+    fn history_is_complete_only_without_holes() {
+        assert!(complete(&[4, 5, 6], 3, 6));
+        assert!(!complete(&[5, 6], 3, 6), "4 is missing");
+        assert!(!complete(&[4, 6], 3, 6), "5 is missing");
+        assert!(!complete(&[4, 5], 3, 6), "6 is missing");
+        assert!(!complete(&[], 3, 6), "all removed");
+        assert!(complete(&[], 6, 6), "at the top: nothing to miss");
+        assert!(complete(&[], 0, 0), "a channel without messages");
+        assert!(!complete(&[], 7, 6), "ahead of the channel");
+        assert!(
+            !complete(&[], u64::MAX, 6),
+            "no position is ahead of every channel"
+        );
+    }
 }

@@ -363,13 +363,7 @@ impl Broker for RedisBroker {
             let data: Vec<u8> = redis::from_redis_value(data).map_err(|_| malformed())?;
             messages.push((seq, Bytes::from(data)));
         }
-        let complete = after == u64::MAX || after == top || is_every_seq(&messages, after, top);
-        Ok(History {
-            epoch: epoch.into(),
-            top,
-            messages,
-            complete,
-        })
+        Ok(History::new(epoch.into(), top, after, messages))
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
@@ -744,16 +738,6 @@ impl Broker for RedisBroker {
     }
 }
 
-/// Whether `messages` are every seq after `after` up to `top`, none missing.
-fn is_every_seq(messages: &[(u64, Bytes)], after: u64, top: u64) -> bool {
-    after < top
-        && messages
-            .iter()
-            .zip(after + 1..)
-            .all(|((seq, _), expected)| *seq == expected)
-        && messages.last().is_some_and(|(seq, _)| *seq == top)
-}
-
 fn to_json(value: &impl serde::Serialize) -> Result<String, BrokerError> {
     serde_json::to_string(value).map_err(|e| BrokerError::Internal(e.to_string()))
 }
@@ -769,20 +753,6 @@ fn decode_session(record: Option<String>, owner: Option<String>) -> Option<Sessi
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn messages(seqs: &[u64]) -> Vec<(u64, Bytes)> {
-        seqs.iter().map(|seq| (*seq, Bytes::new())).collect()
-    }
-
-    #[test]
-    fn history_is_complete_only_without_holes() {
-        assert!(is_every_seq(&messages(&[4, 5, 6]), 3, 6));
-        assert!(!is_every_seq(&messages(&[5, 6]), 3, 6), "4 is missing");
-        assert!(!is_every_seq(&messages(&[4, 6]), 3, 6), "5 is missing");
-        assert!(!is_every_seq(&messages(&[4, 5]), 3, 6), "6 is missing");
-        assert!(!is_every_seq(&messages(&[]), 3, 6));
-        assert!(!is_every_seq(&messages(&[]), 7, 6), "ahead of the channel");
-    }
 
     #[test]
     fn errors_are_classified_by_cause() {
