@@ -83,7 +83,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         broker,
         events,
         kind,
-    } = broker::connect(&config, &node_id, metrics.clone(), background.clone()).await?;
+    } = broker::connect(&config, &node_id, metrics.clone(), &tasks).await?;
     let mut signals = shutdown::Signals::install().map_err(StartError::Signals)?;
     raise_open_file_limit();
     let (client, client_addr) = bind(config.listen, "--listen / BGW_LISTEN").await?;

@@ -9,7 +9,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::{
     Broker, BrokerError, Control, Delivery, Event, Events, History, HistoryLimits, NodePositions,
@@ -17,6 +16,7 @@ use super::{
 };
 use crate::ids;
 use crate::presence::Member;
+use crate::shutdown::Tasks;
 
 /// How many events may wait for the hub before publishers wait: enough to absorb a burst while
 /// the hub fans out one message to many subscribers.
@@ -120,15 +120,16 @@ impl EmbeddedBroker {
         (broker, rx)
     }
 
-    /// The broker with its sweep running until `stop`.
+    /// The broker with its sweep running on `tasks` until they stop.
     pub fn start(
         node: String,
         history_limits: HistoryLimits,
-        stop: CancellationToken,
+        tasks: &Tasks,
     ) -> (Arc<Self>, Events) {
         let (broker, events) = Self::new(node, history_limits);
         let sweeper = broker.clone();
-        tokio::spawn(async move {
+        let stop = tasks.stop();
+        tasks.spawn("embedded broker sweep", async move {
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -587,6 +588,19 @@ mod tests {
             .unwrap();
         assert_eq!(again.seq, 1);
         assert_ne!(again.epoch, old.epoch);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_runs_on_the_node_tasks_until_they_stop() {
+        let limits = HistoryLimits {
+            size: 10,
+            ttl: Duration::from_secs(60),
+        };
+        let tasks = Tasks::default();
+        let (_broker, _events) = EmbeddedBroker::start("n".into(), limits, &tasks);
+        assert_eq!(tasks.running(), [("embedded broker sweep", 1)]);
+        tasks.stop_all(Duration::from_secs(1)).await;
+        assert!(tasks.running().is_empty());
     }
 
     #[tokio::test]

@@ -1,9 +1,9 @@
 //! The broker: where channel sequences, history and sessions live, and how a published message
 //! reaches every node. The rest of the gateway does not know which implementation it runs on.
 //!
-//! [`connect`] builds the one the configuration names; each broker owns its background work
-//! (the embedded broker's sweep, the Redis link and its reconnects) and stops it with the token
-//! it is given.
+//! [`connect`] builds the one the configuration names; each broker runs its background work
+//! (the embedded broker's sweep, the Redis link and its reconnects) on the node's [`Tasks`],
+//! named, so that it stops with the node's other tasks and the drain names it if it does not.
 
 pub mod embedded;
 pub mod reconnect;
@@ -18,11 +18,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shared::Position;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::presence::Member;
+use crate::shutdown::Tasks;
 
 /// How long a channel's seq and epoch outlive its last publish or read, in either broker. Much
 /// longer than any history or session, so that a client's position stays comparable while it
@@ -54,7 +54,7 @@ pub async fn connect(
     config: &Config,
     node: &str,
     metrics: Arc<Metrics>,
-    stop: CancellationToken,
+    tasks: &Tasks,
 ) -> Result<Connected, SetupError> {
     let history = HistoryLimits {
         size: config.history_size,
@@ -64,7 +64,7 @@ pub async fn connect(
         Some(url) => {
             let settings = redis::Settings::from_config(url.expose(), config, history)?;
             let (broker, events) =
-                redis::RedisBroker::start(settings, node.to_owned(), metrics, stop).await?;
+                redis::RedisBroker::start(settings, node.to_owned(), metrics, tasks).await?;
             Ok(Connected {
                 broker,
                 events,
@@ -72,7 +72,7 @@ pub async fn connect(
             })
         }
         None => {
-            let (broker, events) = embedded::EmbeddedBroker::start(node.to_owned(), history, stop);
+            let (broker, events) = embedded::EmbeddedBroker::start(node.to_owned(), history, tasks);
             Ok(Connected {
                 broker,
                 events,

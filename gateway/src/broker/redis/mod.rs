@@ -25,7 +25,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use self::keys::{
     channel_keys, channel_topic, control_topic, node_channels_keys, node_positions_keys, once_key,
@@ -42,6 +41,7 @@ use crate::config::Config;
 use crate::ids;
 use crate::metrics::Metrics;
 use crate::presence::Member;
+use crate::shutdown::Tasks;
 
 pub use self::target::redact;
 
@@ -107,13 +107,14 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    /// Starts the link to Redis in the background, and returns once its first attempt is over:
-    /// connected, or not (then the node starts unready, and the link keeps trying).
+    /// Starts the link to Redis on `tasks`, until they stop, and returns once its first
+    /// attempt is over: connected, or not (then the node starts unready, and the link keeps
+    /// trying).
     pub async fn start(
         settings: Settings,
         node: String,
         metrics: Arc<Metrics>,
-        stop: CancellationToken,
+        tasks: &Tasks,
     ) -> Result<(Arc<Self>, Events), SetupError> {
         let (events, rx) = mpsc::channel(EVENT_QUEUE);
         let target = Arc::new(settings.target);
@@ -126,7 +127,7 @@ impl RedisBroker {
             events,
             metrics,
         };
-        tokio::spawn(link.run(stop, first_attempt));
+        tasks.spawn("redis link", link.run(tasks.stop(), first_attempt));
         let _ = first_attempt_over.await;
         let broker = Arc::new(Self {
             node,
