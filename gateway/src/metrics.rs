@@ -455,6 +455,7 @@ mod tests {
             include_str!("listener.rs"),
             include_str!("broker/redis/link.rs"),
             include_str!("broker/redis/mod.rs"),
+            include_str!("broker/redis/channels.rs"),
             include_str!("broker/embedded/mod.rs"),
             include_str!("broker/embedded/channels.rs"),
             include_str!("session.rs"),
