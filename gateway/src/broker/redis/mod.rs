@@ -2,7 +2,8 @@
 //! subscription per channel per node. One Redis, a Redis Cluster (sharded pub/sub), or the
 //! master that Redis Sentinels name; over TLS with `rediss`.
 //!
-//! - [`target`]: the URL forms, TLS, and where writes go now;
+//! - [`target`]: the URL forms, TLS, and where writes go now; [`url`]: the text of a URL,
+//!   its password hidden; [`endpoint`]: connecting to a Redis or a Cluster;
 //! - [`link`]: the pub/sub connection, reconnected in the background, whose health is the
 //!   broker's availability; [`sentinel`]: which node is the master;
 //! - [`pool`]: connections for commands; [`pipeline`]: the shared connections that pipeline
@@ -16,6 +17,7 @@
 //! call to the module of its job.
 
 mod channels;
+mod endpoint;
 mod keys;
 mod link;
 mod pipeline;
@@ -26,6 +28,7 @@ mod scripts;
 mod sentinel;
 mod sessions;
 mod target;
+mod url;
 mod user_connections;
 
 use std::path::Path;
@@ -50,7 +53,7 @@ use crate::metrics::Metrics;
 use crate::presence::Member;
 use crate::shutdown::Tasks;
 
-pub use self::target::redact;
+pub use self::url::redact;
 
 /// Pushes that may wait for the hub. A full queue drops a push; the hub sees the gap at the
 /// channel's next message and repairs it from history.
