@@ -1,5 +1,6 @@
 //! Client tokens: JWTs verified with one configured key and algorithm, and the rights they give.
 
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -50,23 +51,32 @@ pub enum AuthError {
     Invalid(#[from] jsonwebtoken::errors::Error),
 }
 
+/// Why the key that verifies tokens cannot be used. Names the file, never shows a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("--jwt-public-key {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--jwt-public-key {path}: not an RSA or P-256 public key in PEM")]
+    NotAKey { path: PathBuf },
+}
+
 impl Verifier {
     /// The verifier the configuration asks for; `None` when authentication is off.
-    pub fn from_config(config: &Config) -> anyhow::Result<Option<Self>> {
+    pub fn from_config(config: &Config) -> Result<Option<Self>, KeyError> {
         let (key, algorithm) = if let Some(secret) = &config.jwt_secret {
             (
                 DecodingKey::from_secret(secret.expose().as_bytes()),
                 Algorithm::HS256,
             )
         } else if let Some(path) = &config.jwt_public_key {
-            let pem = std::fs::read(path)
-                .map_err(|e| anyhow::anyhow!("--jwt-public-key {}: {e}", path.display()))?;
-            public_key(&pem).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--jwt-public-key {}: not an RSA or P-256 public key in PEM",
-                    path.display()
-                )
-            })?
+            let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            public_key(&pem).ok_or_else(|| KeyError::NotAKey { path: path.clone() })?
         } else {
             return Ok(None);
         };

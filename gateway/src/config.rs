@@ -225,7 +225,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// Checks what clap cannot.
     /// Logs the configuration as one line of fields: secrets only as whether they are set, the
     /// Redis URL without its password.
     pub fn log(&self) {
@@ -259,40 +258,62 @@ impl Config {
         );
     }
 
-    pub fn validate(&self) -> Result<(), String> {
-        if self.heartbeat_interval.is_zero() {
-            return Err("--heartbeat-interval must be above zero".into());
-        }
-        if self.client_rate == 0 {
-            return Err("--client-rate must be above zero".into());
-        }
-        if self.max_subscriptions == 0 || self.max_connections == 0 {
-            return Err("--max-subscriptions and --max-connections must be above zero".into());
-        }
-        if self.history_size == 0 {
-            return Err("--history-size must be above zero".into());
-        }
-        if self.max_connections_per_user == Some(0) {
-            return Err("--max-connections-per-user must be above zero".into());
+    /// Checks what clap cannot: limits that must not be zero, timers too short to work, and
+    /// origins that are not origins.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("--heartbeat-interval", !self.heartbeat_interval.is_zero()),
+            ("--client-rate", self.client_rate > 0),
+            ("--max-subscriptions", self.max_subscriptions > 0),
+            ("--max-connections", self.max_connections > 0),
+            ("--history-size", self.history_size > 0),
+            (
+                "--max-connections-per-user",
+                self.max_connections_per_user != Some(0),
+            ),
+        ];
+        if let Some((flag, _)) = positive.into_iter().find(|(_, ok)| !ok) {
+            return Err(ConfigError::Zero { flag });
         }
         if self.node_report_interval < Duration::from_millis(100) {
-            return Err("--node-report-interval must be at least 100ms".into());
+            return Err(ConfigError::TooShort {
+                flag: "--node-report-interval",
+                least: "100ms",
+            });
         }
         if self.session_ttl < Duration::from_secs(1) {
-            return Err("--session-ttl must be at least 1s".into());
+            return Err(ConfigError::TooShort {
+                flag: "--session-ttl",
+                least: "1s",
+            });
         }
         if self.drain_window >= self.drain_timeout {
-            return Err("--drain-window must be shorter than --drain-timeout".into());
+            return Err(ConfigError::DrainWindow);
         }
-        for origin in &self.allowed_origins {
-            if !origin.contains("://") {
-                return Err(format!(
-                    "--allowed-origins: `{origin}` is not an origin (scheme://host[:port])"
-                ));
-            }
+        if let Some(origin) = self.allowed_origins.iter().find(|o| !o.contains("://")) {
+            return Err(ConfigError::Origin(origin.clone()));
         }
         Ok(())
     }
+}
+
+/// A configuration a node cannot run with, by kind of mistake; each names the flag to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A limit or interval of zero: nothing could pass it, or a timer would spin.
+    #[error("{flag} must be above zero")]
+    Zero { flag: &'static str },
+    /// An interval too short to be meant.
+    #[error("{flag} must be at least {least}")]
+    TooShort {
+        flag: &'static str,
+        least: &'static str,
+    },
+    /// The drain could not close every client within its timeout.
+    #[error("--drain-window must be shorter than --drain-timeout")]
+    DrainWindow,
+    #[error("--allowed-origins: `{0}` is not an origin (scheme://host[:port])")]
+    Origin(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -452,6 +473,34 @@ mod tests {
         assert!(cli.command.is_none());
         cli.serve.validate().unwrap();
         assert_eq!(cli.serve.heartbeat_interval, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn a_configuration_that_cannot_work_names_its_flag() {
+        let refused = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["gateway"], args].concat()).unwrap();
+            cli.serve.validate().unwrap_err().to_string()
+        };
+        assert_eq!(
+            refused(&["--client-rate", "0"]),
+            "--client-rate must be above zero"
+        );
+        assert_eq!(
+            refused(&["--max-connections", "0"]),
+            "--max-connections must be above zero"
+        );
+        assert_eq!(
+            refused(&["--session-ttl", "500ms"]),
+            "--session-ttl must be at least 1s"
+        );
+        assert_eq!(
+            refused(&["--drain-window", "20s", "--drain-timeout", "20s"]),
+            "--drain-window must be shorter than --drain-timeout"
+        );
+        assert_eq!(
+            refused(&["--allowed-origins", "example.com"]),
+            "--allowed-origins: `example.com` is not an origin (scheme://host[:port])"
+        );
     }
 
     #[test]

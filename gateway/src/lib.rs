@@ -32,6 +32,7 @@ pub mod shutdown;
 pub mod user_limit;
 pub mod wire;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -44,9 +45,31 @@ use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::shutdown::Tasks;
 
+/// Why a node could not start, by cause; each names what to change. The error a read or a bind
+/// failed with is the error's source.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The key that verifies client tokens cannot be read.
+    #[error(transparent)]
+    Key(#[from] auth::KeyError),
+    /// The broker cannot be set up with this configuration.
+    #[error(transparent)]
+    Broker(#[from] broker::SetupError),
+    #[error("cannot listen on {addr} ({flag})")]
+    Listen {
+        addr: SocketAddr,
+        flag: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot install the handlers of SIGTERM and SIGINT")]
+    Signals(#[source] std::io::Error),
+}
+
 /// Runs a node until it is signalled and drained.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
-    config.validate().map_err(anyhow::Error::msg)?;
+pub async fn serve(config: Config) -> Result<(), StartError> {
+    config.validate()?;
     config.log();
     let node_id = config
         .node_id
@@ -60,11 +83,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         broker,
         events,
         kind,
-    } = broker::connect(&config, &node_id, metrics.clone(), background.clone()).await?;
-    let mut signals = shutdown::Signals::install()?;
+    } = broker::connect(&config, &node_id, metrics.clone(), &tasks).await?;
+    let mut signals = shutdown::Signals::install().map_err(StartError::Signals)?;
     raise_open_file_limit();
-    let client = bind(config.listen, "--listen / BGW_LISTEN").await?;
-    let admin = bind(config.admin_listen, "--admin-listen / BGW_ADMIN_LISTEN").await?;
+    let (client, client_addr) = bind(config.listen, "--listen / BGW_LISTEN").await?;
+    let (admin, admin_addr) =
+        bind(config.admin_listen, "--admin-listen / BGW_ADMIN_LISTEN").await?;
     let node = Arc::new(Node::new(
         node_id,
         config,
@@ -74,8 +98,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tasks.clone(),
     ));
     info!(
-        client = %client.local_addr()?,
-        admin = %admin.local_addr()?,
+        client = %client_addr,
+        admin = %admin_addr,
         node = %node.id,
         broker = kind,
         "listening"
@@ -114,11 +138,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A listener on `addr`; an error names the address and the flag that chose it.
-async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({flag}): {e}"))
+/// A listener on `addr`, and the address it got (`addr` may ask for any port); an error names
+/// the address and the flag that chose it.
+async fn bind(
+    addr: SocketAddr,
+    flag: &'static str,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let failed = |source| StartError::Listen { addr, flag, source };
+    let listener = TcpListener::bind(addr).await.map_err(failed)?;
+    let bound = listener.local_addr().map_err(failed)?;
+    Ok((listener, bound))
 }
 
 /// Every socket is a file descriptor: the soft limit (often 1024 in containers) goes up to the

@@ -455,7 +455,9 @@ mod tests {
             include_str!("listener.rs"),
             include_str!("broker/redis/link.rs"),
             include_str!("broker/redis/mod.rs"),
-            include_str!("broker/embedded.rs"),
+            include_str!("broker/redis/channels.rs"),
+            include_str!("broker/embedded/mod.rs"),
+            include_str!("broker/embedded/channels.rs"),
             include_str!("session.rs"),
         ];
         let known: Vec<&str> = [DROP_REASONS, REJECTION_REASONS, LIMITS, SESSION_SAVES].concat();

@@ -125,8 +125,17 @@ impl Tasks {
         self.stop.clone()
     }
 
+    /// The tasks running now: each name, and how many run under it.
+    pub fn running(&self) -> Vec<(&'static str, usize)> {
+        self.running
+            .lock()
+            .iter()
+            .map(|(name, count)| (*name, *count))
+            .collect()
+    }
+
     /// Stops every task and waits for them, up to `deadline`; names those still running then.
-    async fn stop_all(&self, deadline: Duration) {
+    pub(crate) async fn stop_all(&self, deadline: Duration) {
         self.stop.cancel();
         self.tracker.close();
         if tokio::time::timeout(deadline, self.tracker.wait())
@@ -134,8 +143,7 @@ impl Tasks {
             .is_err()
         {
             let running: Vec<String> = self
-                .running
-                .lock()
+                .running()
                 .iter()
                 .map(|(name, count)| format!("{name} x{count}"))
                 .collect();
@@ -189,4 +197,22 @@ pub async fn drain(node: Arc<Node>, connections: TaskTracker, signals: &mut Sign
     }
     node.sessions.save(Scan::Changed).await;
     node.tasks.stop_all(TASKS_TIMEOUT).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_tasks_still_running_after_the_deadline_are_named() {
+        let tasks = Tasks::default();
+        for _ in 0..2 {
+            let stop = tasks.stop();
+            tasks.spawn("stops", async move { stop.cancelled().await });
+        }
+        tasks.spawn("stubborn", std::future::pending());
+        assert_eq!(tasks.running(), [("stops", 2), ("stubborn", 1)]);
+        tasks.stop_all(Duration::from_secs(1)).await;
+        assert_eq!(tasks.running(), [("stubborn", 1)]);
+    }
 }

@@ -438,6 +438,34 @@ async fn since_older_than_history_is_not_recovered() {
 }
 
 #[tokio::test]
+async fn since_ahead_of_the_channel_is_not_recovered() {
+    let gw = start(&[]);
+    let news = channel("news");
+    let mut epoch = String::new();
+    for n in 1..=5 {
+        epoch = gw.publish_ok(&news, &n.to_string()).await.epoch;
+    }
+    // The client saw messages the channel does not have: nothing to replay, not recovered,
+    // and delivery goes on from the channel's position. The largest seq is no exception.
+    let mut top = 5;
+    for ahead in [top + 4, u64::MAX] {
+        let (mut client, _) = gw.connect_hello().await;
+        let subscribed = client
+            .subscribe_since(&news, position(ahead, Some(&epoch)))
+            .await;
+        assert_eq!(
+            (subscribed.seq, subscribed.recovered),
+            (top, false),
+            "since {ahead}"
+        );
+        let live = gw.publish_ok(&news, r#""live""#).await;
+        let message = client.recv_message().await;
+        assert_eq!(message.seq, top + 1, "since {ahead}");
+        top = live.seq;
+    }
+}
+
+#[tokio::test]
 async fn a_thousand_messages_in_order_without_gaps() {
     let gw = start(&[]);
     let news = channel("news");

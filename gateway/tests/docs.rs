@@ -1,8 +1,8 @@
 //! The docs say what the binary does: the README's configuration table is `gateway --help`, the
 //! protocol reference (`shared/PROTOCOL.md`) names every frame, error and close code of the
 //! `shared` crate, the admin API reference (`gateway/ADMIN-API.md`) every route of the admin
-//! listener, and the README the Rust version the workspace needs and how to run the release
-//! binary.
+//! listener, and the README the Rust version the workspace needs, how to run the release
+//! binary, and a tour of the code through files that exist.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -127,6 +127,36 @@ fn the_readme_points_at_both_references_which_exist() {
         read("gateway/ADMIN-API.md").contains("](METRICS.md)"),
         "the admin API links the metrics reference"
     );
+}
+
+/// "How a message travels" follows a message through the source files: a file moved or split
+/// must be renamed there too.
+#[test]
+fn the_readme_tour_of_the_code_names_files_that_exist() {
+    let readme = read("README.md");
+    let start = readme
+        .find("## How a message travels")
+        .expect("the README has its tour of the code");
+    let section = &readme[start + 3..];
+    let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let paths: Vec<&str> = section
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|quoted| quoted.ends_with(".rs") || quoted.ends_with('/'))
+        .collect();
+    assert!(paths.len() >= 10, "the tour names only {paths:?}");
+    for path in paths {
+        let full = match path.strip_prefix("gateway/src/") {
+            Some(inside) => sources.join(inside),
+            None => sources.join(path),
+        };
+        assert!(
+            full.exists(),
+            "the README's tour names {path}, which is not in gateway/src"
+        );
+    }
 }
 
 /// A variant added to a frame enum fails to compile here until the reference names it.

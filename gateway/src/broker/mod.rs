@@ -1,9 +1,9 @@
 //! The broker: where channel sequences, history and sessions live, and how a published message
 //! reaches every node. The rest of the gateway does not know which implementation it runs on.
 //!
-//! [`connect`] builds the one the configuration names; each broker owns its background work
-//! (the embedded broker's sweep, the Redis link and its reconnects) and stops it with the token
-//! it is given.
+//! [`connect`] builds the one the configuration names; each broker runs its background work
+//! (the embedded broker's sweep, the Redis link and its reconnects) on the node's [`Tasks`],
+//! named, so that it stops with the node's other tasks and the drain names it if it does not.
 
 pub mod embedded;
 pub mod reconnect;
@@ -18,11 +18,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shared::Position;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::presence::Member;
+use crate::shutdown::Tasks;
 
 /// How long a channel's seq and epoch outlive its last publish or read, in either broker. Much
 /// longer than any history or session, so that a client's position stays comparable while it
@@ -54,7 +54,7 @@ pub async fn connect(
     config: &Config,
     node: &str,
     metrics: Arc<Metrics>,
-    stop: CancellationToken,
+    tasks: &Tasks,
 ) -> Result<Connected, SetupError> {
     let history = HistoryLimits {
         size: config.history_size,
@@ -64,7 +64,7 @@ pub async fn connect(
         Some(url) => {
             let settings = redis::Settings::from_config(url.expose(), config, history)?;
             let (broker, events) =
-                redis::RedisBroker::start(settings, node.to_owned(), metrics, stop).await?;
+                redis::RedisBroker::start(settings, node.to_owned(), metrics, tasks).await?;
             Ok(Connected {
                 broker,
                 events,
@@ -72,7 +72,7 @@ pub async fn connect(
             })
         }
         None => {
-            let (broker, events) = embedded::EmbeddedBroker::start(node.to_owned(), history, stop);
+            let (broker, events) = embedded::EmbeddedBroker::start(node.to_owned(), history, tasks);
             Ok(Connected {
                 broker,
                 events,
@@ -87,7 +87,7 @@ pub async fn connect(
 pub enum SetupError {
     #[error("--redis-url / BGW_REDIS_URL: {0}")]
     Url(String),
-    #[error("cannot read {flag} {path}: {source}")]
+    #[error("cannot read {flag} {path}")]
     File {
         flag: &'static str,
         path: std::path::PathBuf,
@@ -181,6 +181,30 @@ pub struct History {
     pub messages: Vec<(u64, Bytes)>,
     /// Whether `messages` holds every message after the position asked for, up to `top`.
     pub complete: bool,
+}
+
+impl History {
+    /// The history of a channel at `epoch` and `top` after the position `after`, from the
+    /// retained `messages` with a seq above it, in order. Complete when they are every seq from
+    /// `after + 1` to `top`, none missing, or when `after` is `top` (nothing to miss). A
+    /// position ahead of the channel is never complete: the client saw messages the channel no
+    /// longer has. That includes `u64::MAX`, which the hub asks with when a client gave no
+    /// position (and does not read `complete` then).
+    pub fn new(epoch: Arc<str>, top: u64, after: u64, messages: Vec<(u64, Bytes)>) -> Self {
+        let complete = after == top
+            || (after < top
+                && messages
+                    .iter()
+                    .zip(after + 1..)
+                    .all(|((seq, _), expected)| *seq == expected)
+                && messages.last().is_some_and(|(seq, _)| *seq == top));
+        Self {
+            epoch,
+            top,
+            messages,
+            complete,
+        }
+    }
 }
 
 /// A session as the broker keeps it.
@@ -373,4 +397,30 @@ pub trait Broker: Send + Sync + 'static {
     /// Whether the node's link to the broker is up, as last seen: cheap, without I/O, for the
     /// checks of every handshake. `false` until the first connection, and during an outage.
     fn available(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn complete(seqs: &[u64], after: u64, top: u64) -> bool {
+        let messages = seqs.iter().map(|seq| (*seq, Bytes::new())).collect();
+        History::new("e".into(), top, after, messages).complete
+    }
+
+    #[test]
+    fn history_is_complete_only_without_holes() {
+        assert!(complete(&[4, 5, 6], 3, 6));
+        assert!(!complete(&[5, 6], 3, 6), "4 is missing");
+        assert!(!complete(&[4, 6], 3, 6), "5 is missing");
+        assert!(!complete(&[4, 5], 3, 6), "6 is missing");
+        assert!(!complete(&[], 3, 6), "all removed");
+        assert!(complete(&[], 6, 6), "at the top: nothing to miss");
+        assert!(complete(&[], 0, 0), "a channel without messages");
+        assert!(!complete(&[], 7, 6), "ahead of the channel");
+        assert!(
+            !complete(&[], u64::MAX, 6),
+            "no position is ahead of every channel"
+        );
+    }
 }

@@ -182,19 +182,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retry_gives_up_when_stopped() {
         let stop = CancellationToken::new();
-        let stopper = stop.clone();
-        tokio::spawn(async move {
+        let stopper = async {
             tokio::time::sleep(Duration::from_secs(60)).await;
-            stopper.cancel();
-        });
-        let got: Option<()> = retry(
+            stop.cancel();
+        };
+        let retrying = retry(
             "test",
             "redis://127.0.0.1:1",
             &stop,
             || {},
             || async { Err::<(), _>("refused") },
-        )
-        .await;
-        assert_eq!(got, None);
+        );
+        let (got, ()) = tokio::join!(retrying, stopper);
+        assert_eq!(got, None::<()>);
     }
 }

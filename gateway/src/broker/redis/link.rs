@@ -21,8 +21,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::endpoint::{Connection, Endpoint};
 use super::keys::{control_topic, parse_push, CONTROL_TOPIC};
-use super::target::{Connection, Endpoint, Target};
+use super::target::Target;
 use crate::broker::{reconnect, Event};
 use crate::metrics::Metrics;
 

@@ -2,20 +2,34 @@
 //! subscription per channel per node. One Redis, a Redis Cluster (sharded pub/sub), or the
 //! master that Redis Sentinels name; over TLS with `rediss`.
 //!
-//! - [`target`]: the URL forms, TLS, and where writes go now;
+//! - [`target`]: the URL forms, TLS, and where writes go now; [`url`]: the text of a URL,
+//!   its password hidden; [`endpoint`]: connecting to a Redis or a Cluster;
 //! - [`link`]: the pub/sub connection, reconnected in the background, whose health is the
 //!   broker's availability; [`sentinel`]: which node is the master;
 //! - [`pool`]: connections for commands; [`pipeline`]: the shared connections that pipeline
 //!   concurrent publishes; [`scripts`]: the Lua that numbers and stores messages;
-//! - [`keys`]: the key schema, and the payloads of the topics.
+//! - [`keys`]: the key schema, and the payloads of the topics;
+//! - [`requests`]: running a command or a script, pooled or pipelined, its error classified.
+//!
+//! The broker's work, by job: [`channels`] (publishing, history, the node's subscriptions),
+//! [`sessions`] (records, owners, node positions), [`reports`] (channel counts, presence),
+//! [`user_connections`]. Here: the broker's start, and the [`Broker`] trait, which hands each
+//! call to the module of its job.
 
+mod channels;
+mod endpoint;
 mod keys;
 mod link;
 mod pipeline;
 mod pool;
+mod reports;
+mod requests;
 mod scripts;
 mod sentinel;
+mod sessions;
 mod target;
+mod url;
+mod user_connections;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,27 +37,23 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
-use self::keys::{
-    channel_keys, channel_topic, control_topic, node_channels_keys, node_positions_keys, once_key,
-    presence_keys, session_key, user_connections_key, TakeoverNotice, CONTROL_TOPIC, NODES_KEY,
-};
+use self::keys::CONTROL_TOPIC;
 use self::link::{Link, LinkState};
+use self::requests::{to_json, Request};
 use self::scripts::Scripts;
 use self::target::{Target, TlsFiles};
 use super::{
     Broker, BrokerError, Control, Events, History, HistoryLimits, NodePositions, Owner, Published,
-    SessionRecord, SetupError, CHANNEL_TTL,
+    SessionRecord, SetupError,
 };
 use crate::config::Config;
-use crate::ids;
 use crate::metrics::Metrics;
 use crate::presence::Member;
+use crate::shutdown::Tasks;
 
-pub use self::target::redact;
+pub use self::url::redact;
 
 /// Pushes that may wait for the hub. A full queue drops a push; the hub sees the gap at the
 /// channel's next message and repairs it from history.
@@ -107,13 +117,14 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    /// Starts the link to Redis in the background, and returns once its first attempt is over:
-    /// connected, or not (then the node starts unready, and the link keeps trying).
+    /// Starts the link to Redis on `tasks`, until they stop, and returns once its first
+    /// attempt is over: connected, or not (then the node starts unready, and the link keeps
+    /// trying).
     pub async fn start(
         settings: Settings,
         node: String,
         metrics: Arc<Metrics>,
-        stop: CancellationToken,
+        tasks: &Tasks,
     ) -> Result<(Arc<Self>, Events), SetupError> {
         let (events, rx) = mpsc::channel(EVENT_QUEUE);
         let target = Arc::new(settings.target);
@@ -126,7 +137,7 @@ impl RedisBroker {
             events,
             metrics,
         };
-        tokio::spawn(link.run(stop, first_attempt));
+        tasks.spawn("redis link", link.run(tasks.stop(), first_attempt));
         let _ = first_attempt_over.await;
         let broker = Arc::new(Self {
             node,
@@ -139,187 +150,15 @@ impl RedisBroker {
         });
         Ok((broker, rx))
     }
-
-    /// Runs one request on a pooled connection.
-    async fn query<T: redis::FromRedisValue>(
-        &self,
-        request: Request<'_>,
-    ) -> Result<T, BrokerError> {
-        self.ensure_up()?;
-        let mut pooled = self.commands.get().await.map_err(pool_error)?;
-        let result = request.run(&mut pooled.conn).await;
-        result.map_err(|e| {
-            let e = classify(e);
-            pooled.broken = matches!(e, BrokerError::Unavailable(_));
-            e
-        })
-    }
-
-    /// Runs one request on a shared connection, pipelined with the others in flight: for the
-    /// small, frequent requests (publishes, and the steps of a handshake and a resume: after a
-    /// node dies, thousands of its clients resume on the others at once, and a pooled
-    /// connection per step ran out of connections), not for long batches that would hold them
-    /// up.
-    async fn query_shared<T: redis::FromRedisValue>(
-        &self,
-        request: Request<'_>,
-    ) -> Result<T, BrokerError> {
-        self.ensure_up()?;
-        let mut lease = self.shared.get().await.map_err(classify)?;
-        match request.run(&mut lease.conn).await {
-            Ok(reply) => Ok(reply),
-            Err(e) => {
-                let e = classify(e);
-                if matches!(e, BrokerError::Unavailable(_)) {
-                    lease.broken();
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// Fails at once while the link is down, rather than after a connection timeout.
-    fn ensure_up(&self) -> Result<(), BrokerError> {
-        if self.link.is_up() {
-            Ok(())
-        } else {
-            Err(self.down())
-        }
-    }
-
-    fn down(&self) -> BrokerError {
-        BrokerError::Unavailable(format!("no link to Redis at {}", self.target.redacted))
-    }
-
-    /// `PUBLISH`, or `SPUBLISH` on a cluster, where topics are sharded.
-    fn publish_command(&self) -> &'static str {
-        if self.target.is_cluster() {
-            "SPUBLISH"
-        } else {
-            "PUBLISH"
-        }
-    }
-
-    /// The arguments every channel script starts with: a fresh epoch, the channel TTL, and
-    /// whether to follow the master's lineage (behind Sentinel; see `scripts.rs`).
-    fn channel_invocation<'a>(
-        &self,
-        script: &'a redis::Script,
-        channel: &str,
-    ) -> redis::ScriptInvocation<'a> {
-        let mut invocation = script.prepare_invoke();
-        for key in channel_keys(channel) {
-            invocation.key(key);
-        }
-        invocation
-            .arg(ids::epoch())
-            .arg(CHANNEL_TTL.as_secs())
-            .arg(if self.target.is_sentinel() { "1" } else { "0" });
-        invocation
-    }
 }
 
-impl RedisBroker {
-    /// The publish script, idempotent with `once` (its key and window).
-    async fn publish_script(
-        &self,
-        channel: &str,
-        data: Bytes,
-        once: Option<(&str, Duration)>,
-    ) -> Result<Published, BrokerError> {
-        let mut invocation = self.channel_invocation(&self.scripts.publish, channel);
-        invocation
-            .arg(&data[..])
-            .arg(self.history.size)
-            .arg(millis(self.history.ttl))
-            .arg(channel_topic(channel))
-            .arg(self.publish_command());
-        if let Some((key, window)) = once {
-            invocation.key(once_key(channel, key)).arg(millis(window));
-        }
-        let (seq, epoch): (u64, String) = self.query_shared(Request::Script(invocation)).await?;
-        Ok(Published {
-            seq,
-            epoch: epoch.into(),
-        })
-    }
-}
-
-/// One command or script call.
-enum Request<'a> {
-    Script(redis::ScriptInvocation<'a>),
-    Cmd(redis::Cmd),
-}
-
-impl Request<'_> {
-    async fn run<T: redis::FromRedisValue, C: redis::aio::ConnectionLike + Send>(
-        self,
-        conn: &mut C,
-    ) -> redis::RedisResult<T> {
-        match self {
-            Request::Script(invocation) => invocation.invoke_async(conn).await,
-            Request::Cmd(cmd) => cmd.query_async(conn).await,
-        }
-    }
-}
-
-/// The cause of a Redis error: an outage (down, failing over, loading, read-only), or an answer
-/// the gateway does not understand.
-fn classify(e: RedisError) -> BrokerError {
-    let outage = e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_cluster_error()
-        || matches!(
-            e.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ReadOnly
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::ClusterDown
-            ) | ErrorKind::AuthenticationFailed
-                | ErrorKind::ClusterConnectionNotFound
-                | ErrorKind::MasterNameNotFoundBySentinel
-        )
-        // Out of memory, or a password that is not (yet) right: Redis refuses work for a while.
-        || matches!(e.code(), Some("OOM" | "NOAUTH" | "WRONGPASS" | "NOPERM"));
-    if outage {
-        BrokerError::Unavailable(e.to_string())
-    } else {
-        BrokerError::Protocol(e.to_string())
-    }
-}
-
-fn pool_error(e: deadpool::managed::PoolError<RedisError>) -> BrokerError {
-    use deadpool::managed::PoolError;
-    match e {
-        PoolError::Backend(e) => classify(e),
-        PoolError::Timeout(_) => {
-            BrokerError::Unavailable("no Redis connection free in time".into())
-        }
-        e => BrokerError::Internal(e.to_string()),
-    }
-}
-
-fn protocol(what: &str) -> BrokerError {
-    BrokerError::Protocol(what.to_owned())
-}
-
-fn now_millis() -> u64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    now.map_or(0, |d| d.as_millis() as u64)
-}
-
-fn millis(d: Duration) -> u64 {
-    d.as_millis().max(1) as u64
-}
-
+/// Hands each call to the broker's own method of the same name, in the module of its job:
+/// inherent methods come before trait methods in Rust's method lookup, so none of these calls
+/// itself. What concerns the whole cluster or the link alone is here.
 #[async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
-        self.publish_script(channel, data, None).await
+        self.publish(channel, data).await
     }
 
     async fn publish_once(
@@ -329,79 +168,27 @@ impl Broker for RedisBroker {
         key: &str,
         window: Duration,
     ) -> Result<Published, BrokerError> {
-        self.publish_script(channel, data, Some((key, window)))
-            .await
+        self.publish_once(channel, data, key, window).await
     }
 
     async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
-        let [_, _, hist, _] = channel_keys(channel);
-        let mut cmd = redis::cmd("DEL");
-        cmd.arg(hist);
-        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+        self.remove_history(channel).await
     }
 
     async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {
-        let mut invocation = self.channel_invocation(&self.scripts.history, channel);
-        invocation
-            .arg(if after == u64::MAX {
-                "none".to_owned()
-            } else {
-                after.to_string()
-            })
-            .arg(millis(self.history.ttl));
-        let reply: Vec<Value> = self.query(Request::Script(invocation)).await?;
-        let malformed = || protocol("malformed history reply");
-        let mut values = reply.into_iter();
-        let epoch: String = values
-            .next()
-            .and_then(|v| redis::from_redis_value(v).ok())
-            .ok_or_else(malformed)?;
-        let top: u64 = values
-            .next()
-            .and_then(|v| redis::from_redis_value(v).ok())
-            .ok_or_else(malformed)?;
-        let mut messages = Vec::new();
-        while let (Some(seq), Some(data)) = (values.next(), values.next()) {
-            let seq: u64 = redis::from_redis_value(seq).map_err(|_| malformed())?;
-            let data: Vec<u8> = redis::from_redis_value(data).map_err(|_| malformed())?;
-            messages.push((seq, Bytes::from(data)));
-        }
-        let complete = after == u64::MAX || after == top || is_every_seq(&messages, after, top);
-        Ok(History {
-            epoch: epoch.into(),
-            top,
-            messages,
-            complete,
-        })
+        self.history(channel, after).await
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        let current = self.link.current().ok_or_else(|| self.down())?;
-        current
-            .pubsub
-            .subscribe(&channel_topic(channel))
-            .await
-            .map_err(classify)
+        self.subscribe(channel).await
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        // Without a link there is no subscription to drop.
-        let Some(current) = self.link.current() else {
-            return Ok(());
-        };
-        current
-            .pubsub
-            .unsubscribe(&channel_topic(channel))
-            .await
-            .map_err(classify)
+        self.unsubscribe(channel).await
     }
 
     async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, BrokerError> {
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(session_key(id)).arg("record").arg("owner");
-        let (record, owner): (Option<String>, Option<String>) =
-            self.query_shared(Request::Cmd(cmd)).await?;
-        Ok(decode_session(record, owner))
+        self.load_session(id).await
     }
 
     async fn claim_session(
@@ -410,14 +197,7 @@ impl Broker for RedisBroker {
         owner: &Owner,
         ttl: Duration,
     ) -> Result<Option<SessionRecord>, BrokerError> {
-        let mut invocation = self.scripts.claim.prepare_invoke();
-        invocation
-            .key(session_key(id))
-            .arg(to_json(owner)?)
-            .arg(millis(ttl));
-        let found: Option<(Option<String>, Option<String>)> =
-            self.query_shared(Request::Script(invocation)).await?;
-        Ok(found.and_then(|(record, owner)| decode_session(record, owner)))
+        self.claim_session(id, owner, ttl).await
     }
 
     async fn save_sessions(
@@ -425,43 +205,7 @@ impl Broker for RedisBroker {
         records: &[SessionRecord],
         ttl: Duration,
     ) -> Result<(), BrokerError> {
-        let save = |record: &SessionRecord| -> Result<redis::Cmd, BrokerError> {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(scripts::SAVE)
-                .arg(1)
-                .arg(session_key(&record.id))
-                .arg(to_json(record)?)
-                .arg(to_json(&record.owner)?)
-                .arg(millis(ttl));
-            Ok(cmd)
-        };
-        if self.target.is_cluster() {
-            // Sessions spread over the shards: concurrent calls, each routed to its shard.
-            for chunk in records.chunks(pool::POOL_SIZE / 2) {
-                let calls = chunk
-                    .iter()
-                    .map(|record| async { self.query::<i64>(Request::Cmd(save(record)?)).await });
-                for result in futures_util::future::join_all(calls).await {
-                    result?;
-                }
-            }
-            return Ok(());
-        }
-        // A few round trips for the whole batch: pipelines on one connection.
-        self.ensure_up()?;
-        let mut pooled = self.commands.get().await.map_err(pool_error)?;
-        for chunk in records.chunks(SAVE_BATCH) {
-            let mut pipe = redis::pipe();
-            for record in chunk {
-                pipe.add_command(save(record)?).ignore();
-            }
-            if let Err(e) = pipe.query_async::<()>(&mut pooled.conn).await {
-                let e = classify(e);
-                pooled.broken = matches!(e, BrokerError::Unavailable(_));
-                return Err(e);
-            }
-        }
-        Ok(())
+        self.save_sessions(records, ttl).await
     }
 
     async fn save_positions(
@@ -470,28 +214,7 @@ impl Broker for RedisBroker {
         positions: &NodePositions,
         ttl: Duration,
     ) -> Result<(), BrokerError> {
-        let [key, next] = node_positions_keys(node);
-        let run = format!("{}:{}", positions.instance, positions.tick);
-        let mut commands = vec![
-            redis::cmd("DEL").arg(&next).to_owned(),
-            redis::cmd("HSET").arg(&next).arg("run").arg(run).to_owned(),
-        ];
-        let channels: Vec<_> = positions.channels.iter().collect();
-        for chunk in channels.chunks(SAVE_BATCH) {
-            let mut hset = redis::cmd("HSET");
-            hset.arg(&next);
-            for (channel, position) in chunk {
-                hset.arg(format!("c:{channel}")).arg(to_json(position)?);
-            }
-            commands.push(hset);
-        }
-        commands.push(redis::cmd("RENAME").arg(&next).arg(&key).to_owned());
-        commands.push(redis::cmd("PEXPIRE").arg(&key).arg(millis(ttl)).to_owned());
-        // In order, on one shard (both keys carry the node's hash tag).
-        for cmd in commands {
-            self.query::<Value>(Request::Cmd(cmd)).await?;
-        }
-        Ok(())
+        self.save_positions(node, positions, ttl).await
     }
 
     async fn load_positions(
@@ -499,43 +222,11 @@ impl Broker for RedisBroker {
         node: &str,
         channels: &[&str],
     ) -> Result<Option<NodePositions>, BrokerError> {
-        let [key, _] = node_positions_keys(node);
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(&key).arg("run");
-        for channel in channels {
-            cmd.arg(format!("c:{channel}"));
-        }
-        let mut values: Vec<Option<String>> = self.query_shared(Request::Cmd(cmd)).await?;
-        let saved = values.remove(0);
-        let Some((instance, tick)) = saved.as_deref().and_then(|run| run.split_once(':')) else {
-            return Ok(None);
-        };
-        let (Ok(instance), Ok(tick)) = (instance.parse(), tick.parse()) else {
-            return Err(protocol("malformed node positions"));
-        };
-        let channels = channels
-            .iter()
-            .zip(values)
-            .filter_map(|(channel, value)| {
-                let position = serde_json::from_str(&value?).ok()?;
-                Some((channel.to_string(), position))
-            })
-            .collect();
-        Ok(Some(NodePositions {
-            instance,
-            tick,
-            channels,
-        }))
+        self.load_positions(node, channels).await
     }
 
     async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError> {
-        let notice = to_json(&TakeoverNotice {
-            session: session.to_owned(),
-            conn: previous.conn,
-        })?;
-        let mut cmd = redis::cmd(self.publish_command());
-        cmd.arg(control_topic(&previous.node)).arg(notice);
-        self.query_shared::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+        self.take_over(previous, session).await
     }
 
     async fn control(&self, control: &Control) -> Result<(), BrokerError> {
@@ -545,12 +236,7 @@ impl Broker for RedisBroker {
     }
 
     async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(scripts::END)
-            .arg(1)
-            .arg(session_key(id))
-            .arg(millis(ttl));
-        self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+        self.end_session(id, ttl).await
     }
 
     async fn report_channels(
@@ -558,63 +244,11 @@ impl Broker for RedisBroker {
         counts: &[(Arc<str>, u64)],
         ttl: Duration,
     ) -> Result<(), BrokerError> {
-        let [key, next] = node_channels_keys(&self.node);
-        let expires = now_millis() + millis(ttl);
-        let mut commands = Vec::new();
-        if counts.is_empty() {
-            commands.push(redis::cmd("DEL").arg(&key).to_owned());
-        } else {
-            commands.push(redis::cmd("DEL").arg(&next).to_owned());
-            for chunk in counts.chunks(SAVE_BATCH) {
-                let mut hset = redis::cmd("HSET");
-                hset.arg(&next);
-                for (channel, count) in chunk {
-                    hset.arg(&**channel).arg(*count);
-                }
-                commands.push(hset);
-            }
-            commands.push(redis::cmd("RENAME").arg(&next).arg(&key).to_owned());
-            commands.push(redis::cmd("PEXPIRE").arg(&key).arg(millis(ttl)).to_owned());
-        }
-        // Nodes whose reports expired long ago leave the set; a dead node's stays a while
-        // (harmless: its hash is gone).
-        commands.push(
-            redis::cmd("ZREMRANGEBYSCORE")
-                .arg(NODES_KEY)
-                .arg("-inf")
-                .arg(now_millis().saturating_sub(millis(ttl) * 10))
-                .to_owned(),
-        );
-        commands.push(
-            redis::cmd("ZADD")
-                .arg(NODES_KEY)
-                .arg(expires)
-                .arg(&self.node)
-                .to_owned(),
-        );
-        // One command at a time: on a cluster the keys live on different shards.
-        for cmd in commands {
-            self.query::<Value>(Request::Cmd(cmd)).await?;
-        }
-        Ok(())
+        self.report_channels(counts, ttl).await
     }
 
     async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError> {
-        let mut cmd = redis::cmd("ZRANGEBYSCORE");
-        cmd.arg(NODES_KEY).arg(now_millis()).arg("+inf");
-        let nodes: Vec<String> = self.query(Request::Cmd(cmd)).await?;
-        let mut totals: std::collections::HashMap<String, u64> = Default::default();
-        for node in nodes {
-            let [key, _] = node_channels_keys(&node);
-            let mut cmd = redis::cmd("HGETALL");
-            cmd.arg(key);
-            let counts: std::collections::HashMap<String, u64> =
-                self.query(Request::Cmd(cmd)).await?;
-            for (channel, count) in counts {
-                *totals.entry(channel).or_default() += count;
-            }
-        }
-        Ok(totals.into_iter().collect())
+        self.channels().await
     }
 
     async fn acquire_connection(
@@ -624,24 +258,11 @@ impl Broker for RedisBroker {
         limit: usize,
         ttl: Duration,
     ) -> Result<bool, BrokerError> {
-        let now = now_millis();
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(scripts::ACQUIRE)
-            .arg(1)
-            .arg(user_connections_key(user))
-            .arg(now)
-            .arg(limit)
-            .arg(now + millis(ttl))
-            .arg(member)
-            .arg(millis(ttl));
-        let added: i64 = self.query_shared(Request::Cmd(cmd)).await?;
-        Ok(added == 1)
+        self.acquire_connection(user, member, limit, ttl).await
     }
 
     async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError> {
-        let mut cmd = redis::cmd("ZREM");
-        cmd.arg(user_connections_key(user)).arg(member);
-        self.query_shared::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+        self.release_connection(user, member).await
     }
 
     async fn refresh_connections(
@@ -649,25 +270,7 @@ impl Broker for RedisBroker {
         slots: &[(String, String)],
         ttl: Duration,
     ) -> Result<(), BrokerError> {
-        let until = now_millis() + millis(ttl);
-        // Concurrent, pipelined on the shared connections (and routed per shard on a cluster).
-        for chunk in slots.chunks(SAVE_BATCH) {
-            let refreshes = chunk.iter().map(|(user, member)| {
-                let key = user_connections_key(user);
-                let mut zadd = redis::cmd("ZADD");
-                zadd.arg(&key).arg("XX").arg(until).arg(member);
-                let mut expire = redis::cmd("PEXPIRE");
-                expire.arg(key).arg(millis(ttl));
-                async move {
-                    self.query_shared::<i64>(Request::Cmd(zadd)).await?;
-                    self.query_shared::<i64>(Request::Cmd(expire)).await
-                }
-            });
-            for result in futures_util::future::join_all(refreshes).await {
-                result?;
-            }
-        }
-        Ok(())
+        self.refresh_connections(slots, ttl).await
     }
 
     async fn report_presence(
@@ -676,39 +279,7 @@ impl Broker for RedisBroker {
         left: &[(Arc<str>, String)],
         ttl: Duration,
     ) -> Result<(), BrokerError> {
-        let expiry = now_millis() + millis(ttl);
-        let script = |source: &str, channel: &str| {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(source).arg(2);
-            for key in presence_keys(channel) {
-                cmd.arg(key);
-            }
-            cmd
-        };
-        let mut commands = Vec::with_capacity(members.len() + left.len());
-        for (channel, session) in left {
-            let mut cmd = script(scripts::PRESENCE_REMOVE, channel);
-            cmd.arg(session);
-            commands.push(cmd);
-        }
-        for (channel, member) in members {
-            let mut cmd = script(scripts::PRESENCE_ADD, channel);
-            cmd.arg(expiry)
-                .arg(&member.session)
-                .arg(to_json(member)?)
-                .arg(millis(ttl));
-            commands.push(cmd);
-        }
-        // Concurrent, pipelined on the shared connections (and routed per shard on a cluster).
-        for chunk in commands.chunks(SAVE_BATCH) {
-            let calls = chunk
-                .iter()
-                .map(|cmd| self.query_shared::<i64>(Request::Cmd(cmd.clone())));
-            for result in futures_util::future::join_all(calls).await {
-                result?;
-            }
-        }
-        Ok(())
+        self.report_presence(members, left, ttl).await
     }
 
     async fn presence(
@@ -716,24 +287,7 @@ impl Broker for RedisBroker {
         channel: &str,
         limit: usize,
     ) -> Result<(u64, Vec<Member>), BrokerError> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(scripts::PRESENCE_READ).arg(2);
-        for key in presence_keys(channel) {
-            cmd.arg(key);
-        }
-        cmd.arg(now_millis()).arg(limit);
-        let reply: Vec<Value> = self.query(Request::Cmd(cmd)).await?;
-        let mut values = reply.into_iter();
-        let count: u64 = values
-            .next()
-            .and_then(|v| redis::from_redis_value(v).ok())
-            .ok_or_else(|| protocol("malformed presence reply"))?;
-        let mut members: Vec<Member> = values
-            .filter_map(|v| redis::from_redis_value::<String>(v).ok())
-            .filter_map(|record| serde_json::from_str(&record).ok())
-            .collect();
-        members.sort_by(|a, b| a.session.cmp(&b.session));
-        Ok((count, members))
+        self.presence(channel, limit).await
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -744,56 +298,5 @@ impl Broker for RedisBroker {
 
     fn available(&self) -> bool {
         self.link.is_up()
-    }
-}
-
-/// Whether `messages` are every seq after `after` up to `top`, none missing.
-fn is_every_seq(messages: &[(u64, Bytes)], after: u64, top: u64) -> bool {
-    after < top
-        && messages
-            .iter()
-            .zip(after + 1..)
-            .all(|((seq, _), expected)| *seq == expected)
-        && messages.last().is_some_and(|(seq, _)| *seq == top)
-}
-
-fn to_json(value: &impl serde::Serialize) -> Result<String, BrokerError> {
-    serde_json::to_string(value).map_err(|e| BrokerError::Internal(e.to_string()))
-}
-
-fn decode_session(record: Option<String>, owner: Option<String>) -> Option<SessionRecord> {
-    let mut record: SessionRecord = serde_json::from_str(&record?).ok()?;
-    if let Some(owner) = owner.and_then(|o| serde_json::from_str(&o).ok()) {
-        record.owner = owner;
-    }
-    Some(record)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn messages(seqs: &[u64]) -> Vec<(u64, Bytes)> {
-        seqs.iter().map(|seq| (*seq, Bytes::new())).collect()
-    }
-
-    #[test]
-    fn history_is_complete_only_without_holes() {
-        assert!(is_every_seq(&messages(&[4, 5, 6]), 3, 6));
-        assert!(!is_every_seq(&messages(&[5, 6]), 3, 6), "4 is missing");
-        assert!(!is_every_seq(&messages(&[4, 6]), 3, 6), "5 is missing");
-        assert!(!is_every_seq(&messages(&[4, 5]), 3, 6), "6 is missing");
-        assert!(!is_every_seq(&messages(&[]), 3, 6));
-        assert!(!is_every_seq(&messages(&[]), 7, 6), "ahead of the channel");
-    }
-
-    #[test]
-    fn errors_are_classified_by_cause() {
-        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(matches!(classify(io), BrokerError::Unavailable(_)));
-        let parse = RedisError::from((ErrorKind::UnexpectedReturnType, "not a number"));
-        assert!(matches!(classify(parse), BrokerError::Protocol(_)));
-        let auth = RedisError::from((ErrorKind::AuthenticationFailed, "WRONGPASS"));
-        assert!(matches!(classify(auth), BrokerError::Unavailable(_)));
     }
 }

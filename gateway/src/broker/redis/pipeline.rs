@@ -18,8 +18,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use redis::{ErrorKind, RedisError};
 
+use super::endpoint::Connection;
 use super::link::LinkState;
-use super::target::Connection;
 
 /// Shared connections. Two keep both cores of a small node busy on a burst; more only splits
 /// the pipelines and gives Redis more, smaller reads.

@@ -9,8 +9,8 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use deadpool::Runtime;
 use redis::{ErrorKind, RedisError};
 
+use super::endpoint::{Connection, COMMAND_TIMEOUT};
 use super::link::LinkState;
-use super::target::{Connection, COMMAND_TIMEOUT};
 
 /// Connections of the pool: publishes and history reads of one node in flight at once.
 pub const POOL_SIZE: usize = 32;

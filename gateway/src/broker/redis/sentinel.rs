@@ -9,7 +9,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError};
 use tokio::sync::Mutex;
 
-use super::target::COMMAND_TIMEOUT;
+use super::endpoint::COMMAND_TIMEOUT;
 
 pub struct Sentinels {
     /// One client per Sentinel, in the order of the URL.

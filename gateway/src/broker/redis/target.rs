@@ -10,21 +10,15 @@
 //! TLS checks the server's certificate against the system's roots, or against the CA file
 //! given; a client certificate is presented where one is given.
 
-use std::time::Duration;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::{Client, ProtocolVersion, RedisError, TlsCertificates};
 
-use redis::aio::{AsyncPushSender, MultiplexedConnection};
-use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
-use redis::cluster_async::ClusterConnection;
-use redis::{
-    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, ProtocolVersion, RedisError,
-    TlsCertificates,
+use super::endpoint::{
+    address_of, client, connection_info, tcp_settings, Endpoint, COMMAND_TIMEOUT,
 };
-
 use super::sentinel::Sentinels;
+use super::url::{host_port, node_url, redact, split};
 use crate::broker::SetupError;
-
-/// Redis answers each command within this, or the broker is unavailable.
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Default ports of a seed node and of a Sentinel.
 const REDIS_PORT: u16 = 6379;
@@ -52,24 +46,6 @@ struct MasterUrl {
     scheme: &'static str,
     userinfo: Option<String>,
     db: Option<String>,
-}
-
-/// A Redis that answers now, as the pub/sub link and the command pool connect to it.
-#[derive(Clone)]
-pub enum Endpoint {
-    Single {
-        client: Client,
-        /// `host:port`, for the logs and to notice that a Sentinel master moved.
-        address: String,
-    },
-    Cluster(ClusterClient),
-}
-
-/// One connection to an [`Endpoint`].
-#[derive(Clone)]
-pub enum Connection {
-    Single(MultiplexedConnection),
-    Cluster(ClusterConnection),
 }
 
 /// The TLS files of the configuration, read.
@@ -250,244 +226,9 @@ impl Target {
     }
 }
 
-impl Endpoint {
-    /// A new connection, its pushes (pub/sub messages, disconnection) handed to `push`.
-    pub async fn connect(
-        &self,
-        push: Option<impl AsyncPushSender + Clone>,
-    ) -> Result<Connection, RedisError> {
-        match self {
-            Endpoint::Single { client, .. } => {
-                let mut config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                    .set_response_timeout(Some(COMMAND_TIMEOUT));
-                if let Some(push) = push {
-                    config = config.set_push_sender(push);
-                }
-                let conn = client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await?;
-                Ok(Connection::Single(conn))
-            }
-            Endpoint::Cluster(client) => {
-                let mut config = ClusterConfig::new()
-                    .set_connection_timeout(COMMAND_TIMEOUT)
-                    .set_response_timeout(COMMAND_TIMEOUT);
-                if let Some(push) = push {
-                    config = config.set_push_sender(push);
-                }
-                let conn = client.get_async_connection_with_config(config).await?;
-                Ok(Connection::Cluster(conn))
-            }
-        }
-    }
-
-    /// `host:port` of a single Redis, `cluster` for a cluster.
-    pub fn address(&self) -> &str {
-        match self {
-            Endpoint::Single { address, .. } => address,
-            Endpoint::Cluster(_) => "cluster",
-        }
-    }
-}
-
-impl Connection {
-    /// Subscribes to a topic: sharded on a cluster, so that it lives on the channel's shard.
-    pub async fn subscribe(&self, topic: &str) -> redis::RedisResult<()> {
-        match self.clone() {
-            Connection::Single(mut conn) => conn.subscribe(topic).await,
-            Connection::Cluster(mut conn) => conn.ssubscribe(topic).await,
-        }
-    }
-
-    pub async fn unsubscribe(&self, topic: &str) -> redis::RedisResult<()> {
-        match self.clone() {
-            Connection::Single(mut conn) => conn.unsubscribe(topic).await,
-            Connection::Cluster(mut conn) => conn.sunsubscribe(topic).await,
-        }
-    }
-}
-
-impl redis::aio::ConnectionLike for Connection {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        match self {
-            Connection::Single(conn) => conn.req_packed_command(cmd),
-            Connection::Cluster(conn) => conn.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        match self {
-            Connection::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Connection::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Connection::Single(conn) => conn.get_db(),
-            Connection::Cluster(conn) => conn.get_db(),
-        }
-    }
-}
-
-/// A client of one Redis, with TLS files applied where given.
-fn client(url: &str, certs: Option<&TlsCertificates>) -> Result<Client, RedisError> {
-    let info = connection_info(url)?;
-    match certs {
-        Some(certs) => Client::build_with_tls(info, certs.clone()),
-        None => Client::open(info),
-    }
-}
-
-/// Connection settings for one Redis: RESP3 (pub/sub pushes) and TCP_NODELAY, which the
-/// `redis` crate leaves off and which every small command pays for in latency.
-fn connection_info(url: &str) -> Result<ConnectionInfo, RedisError> {
-    let info = url.into_connection_info()?;
-    let redis_settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3);
-    Ok(info
-        .set_redis_settings(redis_settings)
-        .set_tcp_settings(tcp_settings()))
-}
-
-fn tcp_settings() -> redis::io::tcp::TcpSettings {
-    redis::io::tcp::TcpSettings::default().set_nodelay(true)
-}
-
-fn address_of(info: &ConnectionInfo) -> String {
-    match info.addr() {
-        redis::ConnectionAddr::Tcp(host, port)
-        | redis::ConnectionAddr::TcpTls { host, port, .. } => host_port(host, *port),
-        redis::ConnectionAddr::Unix(path) => path.display().to_string(),
-        other => format!("{other:?}"),
-    }
-}
-
-fn host_port(host: &str, port: u16) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
-/// The URL of one node of a multi-host URL.
-fn node_url(
-    scheme: &str,
-    userinfo: Option<&str>,
-    host: &str,
-    default_port: u16,
-    db: Option<&str>,
-) -> String {
-    let has_port = if host.starts_with('[') {
-        host.contains("]:")
-    } else {
-        host.contains(':')
-    };
-    let host = if has_port {
-        host.to_owned()
-    } else {
-        format!("{host}:{default_port}")
-    };
-    let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
-    let db = db.map(|db| format!("/{db}")).unwrap_or_default();
-    format!("{scheme}://{userinfo}{host}{db}")
-}
-
-/// A URL cut at its separators, without decoding anything.
-struct Parts<'a> {
-    scheme: &'a str,
-    userinfo: Option<&'a str>,
-    hosts: Vec<&'a str>,
-    path: &'a str,
-}
-
-fn split(url: &str) -> Result<Parts<'_>, &'static str> {
-    let (scheme, rest) = url.split_once("://").ok_or("not a URL")?;
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => (Some(userinfo), hosts),
-        None => (None, authority),
-    };
-    let hosts: Vec<&str> = hosts.split(',').filter(|h| !h.is_empty()).collect();
-    if hosts.is_empty() {
-        return Err("no host");
-    }
-    Ok(Parts {
-        scheme,
-        userinfo,
-        hosts,
-        path,
-    })
-}
-
-/// The URL with its password (or a lone userinfo, which may be one) replaced by `***`.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        // Not a URL: whatever follows a colon may be a password.
-        return match url.split_once(':') {
-            Some((before, _)) => format!("{before}:***"),
-            None => url.to_owned(),
-        };
-    };
-    let (authority, path) = match rest.split_once('/') {
-        Some((authority, path)) => (authority, Some(path)),
-        None => (rest, None),
-    };
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{hosts}"),
-            None => format!("***@{hosts}"),
-        },
-        // Hosts only: a "port" that is not a number is likely a password without its `@`.
-        None => authority
-            .split(',')
-            .map(|host| match host.rsplit_once(':') {
-                Some((name, port))
-                    if !host.ends_with(']') && !port.chars().all(|c| c.is_ascii_digit()) =>
-                {
-                    format!("{name}:***")
-                }
-                _ => host.to_owned(),
-            })
-            .collect::<Vec<_>>()
-            .join(","),
-    };
-    match path {
-        Some(path) => format!("{scheme}://{authority}/{path}"),
-        None => format!("{scheme}://{authority}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("redis://user:hunter2@10.0.0.1:6379/2"),
-            "redis://user:***@10.0.0.1:6379/2"
-        );
-        assert_eq!(redact("rediss://:hunter2@h"), "rediss://:***@h");
-        assert_eq!(redact("redis://hunter2@h:1"), "redis://***@h:1");
-        assert_eq!(
-            redact("redis+sentinel://u:p@a:1,b:2/mymaster"),
-            "redis+sentinel://u:***@a:1,b:2/mymaster"
-        );
-        assert_eq!(redact("redis://h:1"), "redis://h:1");
-    }
 
     #[test]
     fn the_url_forms() {
@@ -536,22 +277,5 @@ mod tests {
         };
         let e = Target::parse("redis://127.0.0.1", &files).err().unwrap();
         assert!(e.to_string().contains("not a rediss URL"), "{e}");
-    }
-
-    #[test]
-    fn node_urls() {
-        assert_eq!(
-            node_url("rediss", Some("u:p"), "h", 26379, None),
-            "rediss://u:p@h:26379"
-        );
-        assert_eq!(
-            node_url("redis", None, "h:1", 6379, Some("2")),
-            "redis://h:1/2"
-        );
-        assert_eq!(
-            node_url("redis", None, "[::1]:7", 6379, None),
-            "redis://[::1]:7"
-        );
-        assert_eq!(host_port("::1", 7), "[::1]:7");
     }
 }

@@ -1,0 +1,145 @@
+//! What the nodes report to the Redis broker of their subscribers: each node's channel counts
+//! (summed over the live nodes), and the members of presence channels.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+
+use super::keys::{node_channels_keys, presence_keys, NODES_KEY};
+use super::requests::{millis, now_millis, protocol, to_json, Request};
+use super::{scripts, RedisBroker, SAVE_BATCH};
+use crate::broker::BrokerError;
+use crate::presence::Member;
+
+impl RedisBroker {
+    pub(super) async fn report_channels(
+        &self,
+        counts: &[(Arc<str>, u64)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let [key, next] = node_channels_keys(&self.node);
+        let expires = now_millis() + millis(ttl);
+        let mut commands = Vec::new();
+        if counts.is_empty() {
+            commands.push(redis::cmd("DEL").arg(&key).to_owned());
+        } else {
+            commands.push(redis::cmd("DEL").arg(&next).to_owned());
+            for chunk in counts.chunks(SAVE_BATCH) {
+                let mut hset = redis::cmd("HSET");
+                hset.arg(&next);
+                for (channel, count) in chunk {
+                    hset.arg(&**channel).arg(*count);
+                }
+                commands.push(hset);
+            }
+            commands.push(redis::cmd("RENAME").arg(&next).arg(&key).to_owned());
+            commands.push(redis::cmd("PEXPIRE").arg(&key).arg(millis(ttl)).to_owned());
+        }
+        // Nodes whose reports expired long ago leave the set; a dead node's stays a while
+        // (harmless: its hash is gone).
+        commands.push(
+            redis::cmd("ZREMRANGEBYSCORE")
+                .arg(NODES_KEY)
+                .arg("-inf")
+                .arg(now_millis().saturating_sub(millis(ttl) * 10))
+                .to_owned(),
+        );
+        commands.push(
+            redis::cmd("ZADD")
+                .arg(NODES_KEY)
+                .arg(expires)
+                .arg(&self.node)
+                .to_owned(),
+        );
+        // One command at a time: on a cluster the keys live on different shards.
+        for cmd in commands {
+            self.query::<Value>(Request::Cmd(cmd)).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError> {
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(NODES_KEY).arg(now_millis()).arg("+inf");
+        let nodes: Vec<String> = self.query(Request::Cmd(cmd)).await?;
+        let mut totals: std::collections::HashMap<String, u64> = Default::default();
+        for node in nodes {
+            let [key, _] = node_channels_keys(&node);
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(key);
+            let counts: std::collections::HashMap<String, u64> =
+                self.query(Request::Cmd(cmd)).await?;
+            for (channel, count) in counts {
+                *totals.entry(channel).or_default() += count;
+            }
+        }
+        Ok(totals.into_iter().collect())
+    }
+
+    pub(super) async fn report_presence(
+        &self,
+        members: &[(Arc<str>, Member)],
+        left: &[(Arc<str>, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let expiry = now_millis() + millis(ttl);
+        let script = |source: &str, channel: &str| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(source).arg(2);
+            for key in presence_keys(channel) {
+                cmd.arg(key);
+            }
+            cmd
+        };
+        let mut commands = Vec::with_capacity(members.len() + left.len());
+        for (channel, session) in left {
+            let mut cmd = script(scripts::PRESENCE_REMOVE, channel);
+            cmd.arg(session);
+            commands.push(cmd);
+        }
+        for (channel, member) in members {
+            let mut cmd = script(scripts::PRESENCE_ADD, channel);
+            cmd.arg(expiry)
+                .arg(&member.session)
+                .arg(to_json(member)?)
+                .arg(millis(ttl));
+            commands.push(cmd);
+        }
+        // Concurrent, pipelined on the shared connections (and routed per shard on a cluster).
+        for chunk in commands.chunks(SAVE_BATCH) {
+            let calls = chunk
+                .iter()
+                .map(|cmd| self.query_shared::<i64>(Request::Cmd(cmd.clone())));
+            for result in futures_util::future::join_all(calls).await {
+                result?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn presence(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<(u64, Vec<Member>), BrokerError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts::PRESENCE_READ).arg(2);
+        for key in presence_keys(channel) {
+            cmd.arg(key);
+        }
+        cmd.arg(now_millis()).arg(limit);
+        let reply: Vec<Value> = self.query(Request::Cmd(cmd)).await?;
+        let mut values = reply.into_iter();
+        let count: u64 = values
+            .next()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .ok_or_else(|| protocol("malformed presence reply"))?;
+        let mut members: Vec<Member> = values
+            .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+            .filter_map(|record| serde_json::from_str(&record).ok())
+            .collect();
+        members.sort_by(|a, b| a.session.cmp(&b.session));
+        Ok((count, members))
+    }
+}
