@@ -84,7 +84,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let connections = TaskTracker::new();
     tasks.spawn(
         "broker events",
-        node.hub.clone().run(events, node.sessions.clone()),
+        node.hub
+            .clone()
+            .run(events, node.sessions.clone(), node.presence.clone()),
     );
     tasks.spawn(
         "session saver",
@@ -97,6 +99,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tasks.spawn(
         "channel reporter",
         channels::run_reporter(node.clone(), background.clone()),
+    );
+    tasks.spawn(
+        "presence announcer",
+        presence::announcer::run(node.clone(), background.clone()),
     );
     tasks.spawn(
         "client listener",

@@ -15,6 +15,7 @@ use tracing::warn;
 use crate::broker::{Broker, BrokerError, Owner, SessionRecord};
 use crate::connection::Transport;
 use crate::metrics::Metrics;
+use crate::presence::OptIns;
 
 /// How often positions of connections with new deliveries are saved. A crash loses at most this
 /// much of the gateway's record (clients that send their own positions lose nothing), and every
@@ -137,6 +138,8 @@ pub struct LiveSession {
     pub positions: Arc<Positions>,
     /// To close the connection when another takes the session over.
     pub transport: Arc<Transport>,
+    /// The subscriptions that asked for presence frames, saved with them.
+    pub presence: OptIns,
 }
 
 impl LiveSession {
@@ -146,6 +149,7 @@ impl LiveSession {
             subject: self.subject.clone(),
             subscriptions: self.positions.snapshot(),
             owner: self.owner.clone(),
+            presence: self.presence.names(),
         }
     }
 }

@@ -16,7 +16,7 @@ use super::{
     Published, SessionRecord, CHANNEL_TTL,
 };
 use crate::ids;
-use crate::presence::Member;
+use crate::presence::{announced, Change, Member};
 
 /// How many events may wait for the hub before publishers wait: enough to absorb a burst while
 /// the hub fans out one message to many subscribers.
@@ -47,7 +47,8 @@ struct State {
     reported: (Vec<(Arc<str>, u64)>, Option<Instant>),
     /// Each user's connections, and when each expires unless refreshed.
     user_connections: HashMap<String, HashMap<String, Instant>>,
-    /// Members of presence channels, by channel and session, each with its expiry.
+    /// Members of presence channels, by channel and connection (presence id), each with its
+    /// expiry.
     presence: HashMap<Arc<str>, HashMap<String, (Member, Instant)>>,
 }
 
@@ -102,6 +103,19 @@ impl ChannelLog {
             }
             self.history.pop_front();
         }
+    }
+}
+
+/// The event of a member that joined or left `channel`, which has `count` members after it.
+fn presence_event(channel: &str, joined: bool, member: &Member, count: usize) -> Event {
+    Event::Presence {
+        joined,
+        presence: shared::frame::Presence {
+            channel: channel.to_owned(),
+            user: member.user.clone(),
+            client: member.client.clone(),
+            count: count as u64,
+        },
     }
 }
 
@@ -462,25 +476,58 @@ impl Broker for EmbeddedBroker {
         Ok(())
     }
 
-    async fn report_presence(
+    async fn change_presence(
         &self,
-        members: &[(Arc<str>, Member)],
-        left: &[(Arc<str>, String)],
+        changes: &[Change],
         ttl: Duration,
+        max: usize,
     ) -> Result<(), BrokerError> {
-        let until = Instant::now() + ttl;
-        let mut state = self.state.lock();
-        for (channel, session) in left {
-            if let Some(members) = state.presence.get_mut(channel) {
-                members.remove(session);
+        let now = Instant::now();
+        let mut events = Vec::new();
+        {
+            let mut state = self.state.lock();
+            let State {
+                presence,
+                subscribed,
+                ..
+            } = &mut *state;
+            for change in changes {
+                let members = presence.entry(change.channel.clone()).or_default();
+                let mut announce = |joined: bool, member: &Member, count: usize| {
+                    if subscribed.contains(&change.channel) && announced(joined, count as u64, max)
+                    {
+                        events.push(presence_event(&change.channel, joined, member, count));
+                    }
+                };
+                let expired: Vec<String> = members
+                    .iter()
+                    .filter(|(_, (_, until))| *until <= now)
+                    .map(|(client, _)| client.clone())
+                    .collect();
+                for client in expired {
+                    if let Some((member, _)) = members.remove(&client) {
+                        announce(false, &member, members.len());
+                    }
+                }
+                let client = &change.member.client;
+                if change.joined {
+                    let entry = (change.member.clone(), now + ttl);
+                    if members.insert(client.clone(), entry).is_none() {
+                        announce(true, &change.member, members.len());
+                    }
+                } else if let Some((member, _)) = members.remove(client) {
+                    announce(false, &member, members.len());
+                }
+                if members.is_empty() {
+                    presence.remove(&change.channel);
+                }
             }
         }
-        for (channel, member) in members {
-            state
-                .presence
-                .entry(channel.clone())
-                .or_default()
-                .insert(member.session.clone(), (member.clone(), until));
+        for event in events {
+            self.events
+                .send(event)
+                .await
+                .map_err(|_| BrokerError::Internal("node stopped".into()))?;
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ pub mod embedded;
 pub mod reconnect;
 pub mod redis;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::presence::Member;
+use crate::presence::{Change, Member};
 
 /// How long a channel's seq and epoch outlive its last publish or read, in either broker. Much
 /// longer than any history or session, so that a client's position stays comparable while it
@@ -126,6 +126,12 @@ pub enum Event {
     Resync,
     /// A back end acts on connections of every node (admin API): see [`crate::control`].
     Control(Control),
+    /// A member joined (`joined`) or left a presence channel: a `join` or `leave` frame for the
+    /// local subscribers that asked for them ([`crate::presence`]).
+    Presence {
+        joined: bool,
+        presence: shared::frame::Presence,
+    },
 }
 
 /// What a back end asks every node to do to the connections of a user or of one session.
@@ -190,6 +196,9 @@ pub struct SessionRecord {
     pub subject: String,
     pub subscriptions: BTreeMap<String, Position>,
     pub owner: Owner,
+    /// The subscriptions that asked for `join` and `leave` frames: a resume keeps them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub presence: BTreeSet<String>,
 }
 
 /// The connection that holds a session; only its saves are taken.
@@ -311,13 +320,17 @@ pub trait Broker: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<(), BrokerError>;
 
-    /// Stores this node's members of presence channels (each expiring after `ttl` unless
-    /// reported again) and removes those that left.
-    async fn report_presence(
+    /// Adds (or reports again) and removes members of presence channels, in one atomic step
+    /// per change: an added member expires after `ttl` unless reported again, and expired ones
+    /// are removed first. A change that is one (a member added that was absent, removed that was
+    /// present) reaches every node subscribed to the channel as [`Event::Presence`], with the
+    /// channel's member count after it, when [`crate::presence::announced`] says so under
+    /// `max`; so does the removal of an expired member. The changes are of distinct members.
+    async fn change_presence(
         &self,
-        members: &[(Arc<str>, Member)],
-        left: &[(Arc<str>, String)],
+        changes: &[Change],
         ttl: Duration,
+        max: usize,
     ) -> Result<(), BrokerError>;
 
     /// The channel's unexpired members, at most `limit` of them, and how many there are.

@@ -41,7 +41,7 @@ use super::{
 use crate::config::Config;
 use crate::ids;
 use crate::metrics::Metrics;
-use crate::presence::Member;
+use crate::presence::{Change, Member};
 
 pub use self::target::redact;
 
@@ -603,40 +603,37 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn report_presence(
+    async fn change_presence(
         &self,
-        members: &[(Arc<str>, Member)],
-        left: &[(Arc<str>, String)],
+        changes: &[Change],
         ttl: Duration,
+        max: usize,
     ) -> Result<(), BrokerError> {
-        let expiry = now_millis() + millis(ttl);
-        let script = |source: &str, channel: &str| {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(source).arg(2);
-            for key in presence_keys(channel) {
-                cmd.arg(key);
+        let now = now_millis();
+        let call = |change: &Change| -> Result<redis::ScriptInvocation<'_>, BrokerError> {
+            let mut invocation = self.scripts.presence_change.prepare_invoke();
+            for key in presence_keys(&change.channel) {
+                invocation.key(key);
             }
-            cmd
+            invocation
+                .arg(now)
+                .arg(if change.joined { "j" } else { "l" })
+                .arg(&change.member.client)
+                .arg(to_json(&change.member)?)
+                .arg(now + millis(ttl))
+                .arg(millis(ttl))
+                .arg(max)
+                .arg(channel_topic(&change.channel))
+                .arg(self.publish_command());
+            Ok(invocation)
         };
-        let mut commands = Vec::with_capacity(members.len() + left.len());
-        for (channel, session) in left {
-            let mut cmd = script(scripts::PRESENCE_REMOVE, channel);
-            cmd.arg(session);
-            commands.push(cmd);
-        }
-        for (channel, member) in members {
-            let mut cmd = script(scripts::PRESENCE_ADD, channel);
-            cmd.arg(expiry)
-                .arg(&member.session)
-                .arg(to_json(member)?)
-                .arg(millis(ttl));
-            commands.push(cmd);
-        }
-        // Concurrent, pipelined on the shared connections (and routed per shard on a cluster).
-        for chunk in commands.chunks(SAVE_BATCH) {
-            let calls = chunk
-                .iter()
-                .map(|cmd| self.query_shared::<i64>(Request::Cmd(cmd.clone())));
+        // Concurrent, pipelined on the shared connections (and routed per shard on a cluster):
+        // the changes are of distinct members, so their order does not matter.
+        for chunk in changes.chunks(SAVE_BATCH) {
+            let calls = chunk.iter().map(|change| async move {
+                self.query_shared::<i64>(Request::Script(call(change)?))
+                    .await
+            });
             for result in futures_util::future::join_all(calls).await {
                 result?;
             }
