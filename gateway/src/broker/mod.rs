@@ -320,12 +320,13 @@ pub trait Broker: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<(), BrokerError>;
 
-    /// Adds (or reports again) and removes members of presence channels, in one atomic step
-    /// per change: an added member expires after `ttl` unless reported again, and expired ones
-    /// are removed first. A change that is one (a member added that was absent, removed that was
-    /// present) reaches every node subscribed to the channel as [`Event::Presence`], with the
-    /// channel's member count after it, when [`crate::presence::announced`] says so under
-    /// `max`; so does the removal of an expired member. The changes are of distinct members.
+    /// Adds (or reports again) and removes members of presence channels, each channel's in the
+    /// order given, atomically with what each change announces: an added member expires after
+    /// `ttl` unless reported again, and expired ones are removed first. A change that is one (a
+    /// member added that was absent, removed that was present) reaches every node subscribed to
+    /// the channel as [`Event::Presence`], with the channel's member count after it, when
+    /// [`crate::presence::announced`] says so under `max`; so does the removal of an expired
+    /// member.
     async fn change_presence(
         &self,
         changes: &[Change],

@@ -7,7 +7,8 @@
 //! before it went out, and a change made after the scan is queued after the report. A report
 //! therefore never adds back a member whose leave went out, nor removes one whose join did.
 //! Within a batch only each member's last change counts: a join and a leave that meet there
-//! cancel out, and the calls of one batch may run concurrently.
+//! cancel out. The broker keeps each channel's changes in their order, since the member count
+//! after each decides whether it is announced (`--presence-max-join-leave`).
 //!
 //! The report puts the broker right when a change was lost (the queue was full, or the broker
 //! failed the call): a missed join is added and announced then, a missed leave removed and

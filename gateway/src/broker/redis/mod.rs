@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use indexmap::IndexMap;
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +53,10 @@ const EVENT_QUEUE: usize = 65_536;
 /// Sessions saved per pipeline: big enough to make a drain of 20k sessions a few round trips,
 /// small enough not to stall Redis.
 const SAVE_BATCH: usize = 1000;
+
+/// Presence changes of one channel per script call: a report of a large room takes a few calls,
+/// none of which holds Redis for long.
+const PRESENCE_BATCH: usize = 500;
 
 /// What the Redis broker needs of the configuration.
 pub struct Settings {
@@ -610,29 +615,43 @@ impl Broker for RedisBroker {
         max: usize,
     ) -> Result<(), BrokerError> {
         let now = now_millis();
-        let call = |change: &Change| -> Result<redis::ScriptInvocation<'_>, BrokerError> {
+        // Each channel's changes in their order, in one script call (per chunk): the counts
+        // that decide the bound follow the node's order.
+        let mut by_channel: IndexMap<&str, Vec<&Change>> = IndexMap::new();
+        for change in changes {
+            by_channel.entry(&change.channel).or_default().push(change);
+        }
+        let call = |channel: &str, changes: &[&Change]| {
             let mut invocation = self.scripts.presence_change.prepare_invoke();
-            for key in presence_keys(&change.channel) {
+            for key in presence_keys(channel) {
                 invocation.key(key);
             }
             invocation
                 .arg(now)
-                .arg(if change.joined { "j" } else { "l" })
-                .arg(&change.member.client)
-                .arg(to_json(&change.member)?)
                 .arg(now + millis(ttl))
                 .arg(millis(ttl))
                 .arg(max)
-                .arg(channel_topic(&change.channel))
+                .arg(channel_topic(channel))
                 .arg(self.publish_command());
-            Ok(invocation)
+            for change in changes {
+                invocation
+                    .arg(if change.joined { "j" } else { "l" })
+                    .arg(&change.member.client)
+                    .arg(to_json(&change.member)?);
+            }
+            Ok::<_, BrokerError>(invocation)
         };
-        // Concurrent, pipelined on the shared connections (and routed per shard on a cluster):
-        // the changes are of distinct members, so their order does not matter.
-        for chunk in changes.chunks(SAVE_BATCH) {
-            let calls = chunk.iter().map(|change| async move {
-                self.query_shared::<i64>(Request::Script(call(change)?))
-                    .await
+        let channels: Vec<(&str, Vec<&Change>)> = by_channel.into_iter().collect();
+        // Channels concurrently, pipelined on the shared connections (and routed per shard on a
+        // cluster).
+        for group in channels.chunks(pool::POOL_SIZE) {
+            let calls = group.iter().map(|(channel, changes)| async move {
+                for chunk in changes.chunks(PRESENCE_BATCH) {
+                    let invocation = call(channel, chunk)?;
+                    self.query_shared::<i64>(Request::Script(invocation))
+                        .await?;
+                }
+                Ok::<_, BrokerError>(())
             });
             for result in futures_util::future::join_all(calls).await {
                 result?;

@@ -115,24 +115,25 @@ return 1
 ";
 
 /// KEYS: the channel's presence set, its member records. ARGV[1]: now (ms since the epoch),
-/// ARGV[2]: `j` to add (or report again) a member, `l` to remove one, ARGV[3]: the member (a
-/// connection's presence id), ARGV[4]: its record (JSON), ARGV[5]: its expiry (ms since the
-/// epoch), ARGV[6]: TTL of the keys (ms), ARGV[7]: `--presence-max-join-leave`, ARGV[8]: the
-/// channel's topic, ARGV[9]: `PUBLISH` or `SPUBLISH`.
+/// ARGV[2]: the expiry of the members added or reported again (ms since the epoch), ARGV[3]:
+/// TTL of the keys (ms), ARGV[4]: `--presence-max-join-leave`, ARGV[5]: the channel's topic,
+/// ARGV[6]: `PUBLISH` or `SPUBLISH`; then, from ARGV[7], the changes in their order, three
+/// arguments each: `j` to add (or report again) a member or `l` to remove one, the member (a
+/// connection's presence id), its record (JSON).
 ///
-/// Removes expired members first, then makes the change. Each member added that was absent, or
+/// Removes expired members first, then makes the changes. Each member added that was absent, or
 /// removed that was present (expired ones too), is published on the channel's topic as
 /// `j:<count>:<record>` or `l:<count>:<record>`, `count` being the members after it, when
 /// `presence::announced` allows it: a join while count <= max + 1, a leave while count <= max,
-/// none when max is 0. Returns 1 for a change that was one.
+/// none when max is 0.
 pub const PRESENCE_CHANGE: &str = r"
-local max = tonumber(ARGV[7])
+local max = tonumber(ARGV[4])
 local function announce(kind, record)
   local count = redis.call('ZCARD', KEYS[1])
   local limit = max
   if kind == 'j' then limit = max + 1 end
   if max > 0 and count <= limit then
-    redis.call(ARGV[9], ARGV[8], kind .. ':' .. count .. ':' .. record)
+    redis.call(ARGV[6], ARGV[5], kind .. ':' .. count .. ':' .. record)
   end
 end
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
@@ -142,19 +143,23 @@ for _, member in ipairs(gone) do
   redis.call('HDEL', KEYS[2], member)
   if record then announce('l', record) end
 end
-if ARGV[2] == 'j' then
-  local added = redis.call('ZADD', KEYS[1], ARGV[5], ARGV[3])
-  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
-  if added == 1 then announce('j', ARGV[4]) end
-  return added
+for i = 7, #ARGV, 3 do
+  local member, record = ARGV[i + 1], ARGV[i + 2]
+  if ARGV[i] == 'j' then
+    local added = redis.call('ZADD', KEYS[1], ARGV[2], member)
+    redis.call('HSET', KEYS[2], member, record)
+    if added == 1 then announce('j', record) end
+  else
+    local stored = redis.call('HGET', KEYS[2], member)
+    redis.call('HDEL', KEYS[2], member)
+    if redis.call('ZREM', KEYS[1], member) == 1 then announce('l', stored or record) end
+  end
 end
-local record = redis.call('HGET', KEYS[2], ARGV[3]) or ARGV[4]
-local removed = redis.call('ZREM', KEYS[1], ARGV[3])
-redis.call('HDEL', KEYS[2], ARGV[3])
-if removed == 1 then announce('l', record) end
-return removed
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+return 1
 ";
 
 /// KEYS: as [`PRESENCE_CHANGE`]. ARGV: now (ms since the epoch), limit. Drops expired members
