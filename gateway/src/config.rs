@@ -174,8 +174,9 @@ pub struct Config {
     #[arg(long, env = "BGW_MAX_CONNECTIONS_PER_USER")]
     pub max_connections_per_user: Option<usize>,
 
-    /// Channels that keep presence (who is subscribed, `GET /v1/presence`), comma-separated
-    /// names or prefixes and `*` (`room.*`). Absent: none, and no presence work at all.
+    /// Channels that keep presence (who is subscribed, `GET /v1/presence`, and the `join` and
+    /// `leave` frames of subscribers that ask for them), comma-separated names or prefixes and
+    /// `*` (`room.*`). Absent: none, and no presence work at all.
     #[arg(long, env = "BGW_PRESENCE", value_delimiter = ',')]
     pub presence: Vec<String>,
 

@@ -286,6 +286,22 @@ async fn join_and_leave_on_the_embedded_broker_only_to_those_that_asked() {
     expect_nothing_before_a_message(&node, &mut carol, &channel).await;
     assert_eq!(alice.recv_message().await.data, r#""marker""#);
 
+    // A back end's subscribe and unsubscribe: a member, without the frames.
+    let mut erin = node.connect().await;
+    erin.hello_token(&token("erin")).await;
+    let body = json!({"user": "erin", "channel": channel});
+    assert_eq!(post(&node, "/v1/subscribe", &body).await, 200);
+    assert_eq!(erin.recv_subscribed().await.id, None);
+    let erin_join = expect(&mut alice, "join", &channel, "erin", None).await;
+    assert_eq!(erin_join["count"], 3);
+    expect_nothing_before_a_message(&node, &mut erin, &channel).await;
+    for client in [&mut alice, &mut carol] {
+        assert_eq!(client.recv_message().await.data, r#""marker""#);
+    }
+    assert_eq!(post(&node, "/v1/unsubscribe", &body).await, 200);
+    let erin_id = erin_join["client"].as_str();
+    expect(&mut alice, "leave", &channel, "erin", erin_id).await;
+
     // A closed connection leaves.
     carol.close().await;
     let carol_id = carol_join["client"].as_str().unwrap();
@@ -360,6 +376,19 @@ async fn frames_stop_above_the_bound(url: Option<&str>) {
     let left = expect(&mut alice, "leave", &channel, "m3", Some(m3_id)).await;
     assert_eq!(left["count"], 2);
     expect_nothing_before_a_message(&node, &mut alice, &channel).await;
+}
+
+/// `POST path` with `body` on the admin API; the status.
+async fn post(node: &Gateway, path: &str, body: &Value) -> u16 {
+    let auth = format!("Bearer {KEY}");
+    let body = body.to_string();
+    let (status, answer) = node
+        .admin()
+        .await
+        .request("POST", path, &[("authorization", &auth)], body.as_bytes())
+        .await;
+    assert!(status < 500, "{path}: {answer}");
+    status
 }
 
 /// Waits until the channel has `count` members.

@@ -95,17 +95,19 @@ impl Announcer {
             }
         }
         let changes = last_of_each(changes);
+        let told = self.tell(&changes).await;
         for change in &changes {
             let key = (change.channel.clone(), change.member.client.clone());
             if change.joined {
                 self.reported
                     .entry(key)
                     .or_insert_with(|| change.member.clone());
-            } else {
+            } else if told {
                 self.reported.remove(&key);
             }
+            // A leave that failed stays reported: the next report finds it gone, and removes
+            // it then.
         }
-        self.tell(&changes).await;
         for done in flushes {
             let _ = done.send(());
         }
@@ -134,34 +136,40 @@ impl Announcer {
                 current.insert(key, presence.member(&session, since));
             }
         }
-        let mut changes: Vec<Change> = self
+        let left: Vec<(Key, Member)> = self
             .reported
             .iter()
             .filter(|(key, _)| !current.contains_key(*key))
-            .map(|((channel, _), member)| Change {
-                channel: channel.clone(),
-                member: member.clone(),
-                joined: false,
-            })
+            .map(|(key, member)| (key.clone(), member.clone()))
             .collect();
-        changes.extend(current.iter().map(|((channel, _), member)| Change {
+        let change = |(channel, _): &Key, member: &Member, joined| Change {
             channel: channel.clone(),
             member: member.clone(),
-            joined: true,
-        }));
+            joined,
+        };
+        let mut changes: Vec<Change> = left.iter().map(|(k, m)| change(k, m, false)).collect();
+        changes.extend(current.iter().map(|(k, m)| change(k, m, true)));
         self.reported = current;
-        self.tell(&changes).await;
+        if !self.tell(&changes).await {
+            // Their leaves go with the next report.
+            self.reported.extend(left);
+        }
     }
 
-    async fn tell(&self, changes: &[Change]) {
+    /// Sends `changes` to the broker; whether it took them.
+    async fn tell(&self, changes: &[Change]) -> bool {
         if changes.is_empty() {
-            return;
+            return true;
         }
         let config = &self.node.config;
         let ttl = config.node_report_interval * 3;
         let max = config.presence_max_join_leave;
-        if let Err(e) = self.node.broker.change_presence(changes, ttl, max).await {
-            debug!(changes = changes.len(), error = %e, "presence changes failed; the next report repairs them");
+        match self.node.broker.change_presence(changes, ttl, max).await {
+            Ok(()) => true,
+            Err(e) => {
+                debug!(changes = changes.len(), error = %e, "presence changes failed; the next report repairs them");
+                false
+            }
         }
     }
 }
