@@ -345,9 +345,17 @@ impl Hub {
     /// Passes a member's join or leave on to the local subscribers of its channel that asked
     /// for them: one frame for the node, written only to them.
     fn announce(&self, joined: bool, presence: shared::frame::Presence) {
-        let channels = self.channels.lock();
-        let Some(channel) = channels.get(presence.channel.as_str()) else {
+        // A member recorded by a node of an earlier version, keyed by its session, has no
+        // presence id: its expiry is no frame.
+        if presence.client.is_empty() {
             return;
+        }
+        let (name, shards): (Arc<str>, Vec<usize>) = {
+            let channels = self.channels.lock();
+            let Some(channel) = channels.get(presence.channel.as_str()) else {
+                return;
+            };
+            (channel.name.clone(), channel.shards().collect())
         };
         let frame = if joined {
             ServerFrame::Join(presence)
@@ -355,8 +363,8 @@ impl Hub {
             ServerFrame::Leave(presence)
         };
         let frame = wire::text(frame.to_json().as_bytes());
-        for shard in channel.shards() {
-            let (channel, frame) = (channel.name.clone(), frame.clone());
+        for shard in shards {
+            let (channel, frame) = (name.clone(), frame.clone());
             self.fanout
                 .send(shard, Command::Presence { channel, frame });
         }

@@ -484,6 +484,8 @@ impl Broker for EmbeddedBroker {
     ) -> Result<(), BrokerError> {
         let now = Instant::now();
         let mut events = Vec::new();
+        // Each channel's expired members go first, once per call.
+        let mut swept = HashSet::new();
         {
             let mut state = self.state.lock();
             let State {
@@ -499,11 +501,12 @@ impl Broker for EmbeddedBroker {
                         events.push(presence_event(&change.channel, joined, member, count));
                     }
                 };
-                let expired: Vec<String> = members
-                    .iter()
-                    .filter(|(_, (_, until))| *until <= now)
-                    .map(|(client, _)| client.clone())
-                    .collect();
+                let expired: Vec<String> = if swept.insert(change.channel.clone()) {
+                    let expired = members.iter().filter(|(_, (_, until))| *until <= now);
+                    expired.map(|(client, _)| client.clone()).collect()
+                } else {
+                    Vec::new()
+                };
                 for client in expired {
                     if let Some((member, _)) = members.remove(&client) {
                         announce(false, &member, members.len());
