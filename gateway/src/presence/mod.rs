@@ -59,11 +59,11 @@ pub struct Change {
 }
 
 /// Whether a `join` (`joined`) or `leave` after which the channel has `count` members is sent
-/// to clients under the bound `max`: while the channel has at most `max` members, counting the
-/// one that joins or leaves. The join that takes the channel above `max` is sent (its count is
-/// `max + 1`: the client learns that the frames stop), and so is the leave that brings it back
-/// to `max` (they start again). `max` 0 sends none. The Redis broker's script keeps the same
-/// rule (`scripts.rs`).
+/// to clients under the bound `max`: when the channel has at most `max` members before it or
+/// after it. So the join that takes the channel above `max` is sent (its count is `max + 1`:
+/// the client learns that the frames stop), and so is the leave that brings it back to `max`
+/// (they start again). `max` 0 sends none. The Redis broker's script keeps the same rule
+/// (`scripts.rs`).
 pub fn announced(joined: bool, count: u64, max: usize) -> bool {
     let max = max as u64;
     max > 0
