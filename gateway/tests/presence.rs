@@ -411,6 +411,20 @@ async fn a_resume_keeps_the_opt_in() {
     let b = node_with(Some(&redis.url()), NO_REPORTS, &[]);
     let channel = common::channel("prs");
     let (alice, session, first) = member(&a, "alice", &channel, true).await;
+    // The session holds the opt-in (saved at once after the subscribe, but not before its reply).
+    let key = format!("bgw:session:{{{session}}}");
+    let opted_in = format!(r#""presence":["{channel}"]"#);
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while !redis
+        .cli(&["HGET", &key, "record"])
+        .is_some_and(|record| record.contains(&opted_in))
+    {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{key} never held {opted_in}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     alice.close().await;
     // Her leave is out: it cannot reach the resumed subscription.
     wait_count(&a, &channel, 0).await;
