@@ -2,8 +2,8 @@
 //! count of each channel that has any goes to the broker, which keeps it for three intervals.
 //! `GET /v1/channels` sums the live reports of every node; a node that stops reporting (killed,
 //! partitioned) drops out when its report expires. The same loop refreshes the slots of the
-//! node's connections for `--max-connections-per-user` ([`crate::user_limit`]) and reports the
-//! members of presence channels ([`crate::presence`]).
+//! node's connections for `--max-connections-per-user` ([`crate::user_limit`]). The members of
+//! presence channels have their own reports ([`crate::presence::announcer`]).
 
 use std::sync::Arc;
 
@@ -11,12 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::node::Node;
-use crate::presence::Presence;
 
 /// Reports until `stop`.
 pub async fn run_reporter(node: Arc<Node>, stop: CancellationToken) {
     let interval = node.config.node_report_interval;
-    let presence = Presence::new(&node.config.presence, node.id.clone());
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -34,9 +32,6 @@ pub async fn run_reporter(node: Arc<Node>, stop: CancellationToken) {
         let live = node.sessions.live();
         if let Err(e) = node.user_connections.refresh(&live).await {
             debug!(error = %e, "refreshing the users' connection slots failed");
-        }
-        if let Err(e) = presence.report(&*node.broker, &live, interval * 3).await {
-            debug!(error = %e, "reporting presence failed");
         }
     }
 }

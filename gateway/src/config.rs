@@ -174,8 +174,9 @@ pub struct Config {
     #[arg(long, env = "BGW_MAX_CONNECTIONS_PER_USER")]
     pub max_connections_per_user: Option<usize>,
 
-    /// Channels that keep presence (who is subscribed, `GET /v1/presence`), comma-separated
-    /// names or prefixes and `*` (`room.*`). Absent: none, and no presence work at all.
+    /// Channels that keep presence (who is subscribed, `GET /v1/presence`, and the `join` and
+    /// `leave` frames of subscribers that ask for them), comma-separated names or prefixes and
+    /// `*` (`room.*`). Absent: none, and no presence work at all.
     #[arg(long, env = "BGW_PRESENCE", value_delimiter = ',')]
     pub presence: Vec<String>,
 
@@ -183,6 +184,12 @@ pub struct Config {
     /// channel answers with a page, not a megabyte.
     #[arg(long, env = "BGW_PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
     pub presence_max_members: usize,
+
+    /// Most members a presence channel may have for its subscribers to get `join` and `leave`
+    /// frames, counted across the cluster (the frame that crosses it is sent, with its count);
+    /// 0: no such frames. In a room of thousands every connect would be thousands of frames.
+    #[arg(long, env = "BGW_PRESENCE_MAX_JOIN_LEAVE", default_value_t = 100)]
+    pub presence_max_join_leave: usize,
 
     /// Frames per second a client may send (with a burst of as many); more closes with 4029.
     /// Subscribing, publishing and pinging take a few frames a second.

@@ -12,11 +12,18 @@ use tracing::{debug, warn};
 
 use crate::broker::{Broker, Control, Disconnect, Target};
 use crate::hub::Hub;
+use crate::presence::Presence;
 use crate::session::{Cursor, LiveSession, Sessions};
 use crate::wire;
 
 /// Applies `control` to the node's live sessions that it targets.
-pub async fn apply(control: Control, hub: &Hub, broker: &dyn Broker, sessions: &Sessions) {
+pub async fn apply(
+    control: Control,
+    hub: &Hub,
+    broker: &dyn Broker,
+    sessions: &Sessions,
+    presence: &Presence,
+) {
     let target = match &control {
         Control::Disconnect { target, .. }
         | Control::Unsubscribe { target, .. }
@@ -43,10 +50,10 @@ pub async fn apply(control: Control, hub: &Hub, broker: &dyn Broker, sessions: &
                 session.transport.close(code, reason);
             }
             Control::Unsubscribe { channel, .. } => {
-                unsubscribe(hub, sessions, &session, channel).await;
+                unsubscribe(hub, sessions, presence, &session, channel).await;
             }
             Control::Subscribe { channel, .. } => {
-                subscribe(hub, sessions, &session, channel).await;
+                subscribe(hub, sessions, presence, &session, channel).await;
             }
         }
     }
@@ -70,11 +77,19 @@ pub fn close_of(close: Disconnect) -> (CloseCode, &'static str) {
 }
 
 /// As the client's own `unsubscribe`, answered with `unsubscribed` without an id.
-async fn unsubscribe(hub: &Hub, sessions: &Sessions, session: &Arc<LiveSession>, channel: &str) {
+async fn unsubscribe(
+    hub: &Hub,
+    sessions: &Sessions,
+    presence: &Presence,
+    session: &Arc<LiveSession>,
+    channel: &str,
+) {
     if !session.positions.remove(channel) {
         return;
     }
     hub.remove(session.owner.conn, channel).await;
+    session.presence.remove(channel);
+    presence.left(session, channel);
     let frame = ServerFrame::Unsubscribed {
         id: None,
         channel: channel.to_owned(),
@@ -86,8 +101,15 @@ async fn unsubscribe(hub: &Hub, sessions: &Sessions, session: &Arc<LiveSession>,
 }
 
 /// As the client's own `subscribe` from now on, answered with `subscribed` without an id. The
-/// back end decides: the token's channel claims and `--max-subscriptions` do not apply.
-async fn subscribe(hub: &Hub, sessions: &Sessions, session: &Arc<LiveSession>, channel: &str) {
+/// back end decides: the token's channel claims and `--max-subscriptions` do not apply. The
+/// subscription is a member of a presence channel, but does not get its frames.
+async fn subscribe(
+    hub: &Hub,
+    sessions: &Sessions,
+    presence: &Presence,
+    session: &Arc<LiveSession>,
+    channel: &str,
+) {
     if !valid_channel(channel)
         || session.positions.contains(channel)
         || session.transport.closing().is_some()
@@ -97,7 +119,7 @@ async fn subscribe(hub: &Hub, sessions: &Sessions, session: &Arc<LiveSession>, c
     let conn = session.owner.conn;
     let cursor = Arc::new(Cursor::new(0, Arc::from("")));
     let prepared = match hub
-        .prepare(conn, &session.transport, &cursor, channel, None)
+        .prepare(conn, &session.transport, &cursor, channel, None, false)
         .await
     {
         Ok(prepared) => prepared,
@@ -118,6 +140,8 @@ async fn subscribe(hub: &Hub, sessions: &Sessions, session: &Arc<LiveSession>, c
     session
         .transport
         .send(&[wire::text(frame.to_json().as_bytes())], true);
+    let channel = prepared.channel.clone();
     hub.activate(conn, prepared);
+    presence.joined(session, &channel);
     sessions.save_soon(session.clone());
 }

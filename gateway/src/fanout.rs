@@ -8,7 +8,7 @@
 //! and one write per subscriber; when messages come faster than the sockets take them, a batch
 //! holds several, and each subscriber still gets one write.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -76,6 +76,16 @@ pub enum Command {
     Remove {
         channel: Arc<str>,
         conn: u64,
+    },
+    /// The registered subscriber `conn` asked for the channel's `join` and `leave` frames.
+    Watch {
+        channel: Arc<str>,
+        conn: u64,
+    },
+    /// A `join` or `leave` frame, for the live subscribers of the channel that asked for them.
+    Presence {
+        channel: Arc<str>,
+        frame: Bytes,
     },
     Message(Message),
     /// Continuity is lost: every live subscriber gets `frame` (an unsolicited `subscribed`) and
@@ -170,6 +180,7 @@ async fn run(
 ) {
     let mut shard = ShardState {
         channels: HashMap::new(),
+        watchers: HashMap::new(),
         metrics,
         run: Vec::new(),
         frames: Vec::new(),
@@ -208,6 +219,9 @@ async fn run(
 
 struct ShardState {
     channels: HashMap<Arc<str>, IndexMap<u64, Subscriber>>,
+    /// The subscribers of each channel that asked for its presence frames: apart, so that
+    /// subscribers that did not ask cost nothing.
+    watchers: HashMap<Arc<str>, HashSet<u64>>,
     metrics: Arc<Metrics>,
     /// Messages of the batch not yet written, in the hub's order.
     run: Vec<Message>,
@@ -258,6 +272,12 @@ impl ShardState {
                 self.metrics.subscriptions.inc();
             }
             Command::Remove { channel, conn } => {
+                if let Some(watchers) = self.watchers.get_mut(&channel) {
+                    watchers.remove(&conn);
+                    if watchers.is_empty() {
+                        self.watchers.remove(&channel);
+                    }
+                }
                 let Some(subscribers) = self.channels.get_mut(&channel) else {
                     return;
                 };
@@ -292,6 +312,28 @@ impl ShardState {
                         }
                     }
                 }
+            }
+            Command::Watch { channel, conn } => {
+                self.watchers.entry(channel).or_default().insert(conn);
+            }
+            Command::Presence { channel, frame } => {
+                let (Some(watchers), Some(subscribers)) =
+                    (self.watchers.get(&channel), self.channels.get(&channel))
+                else {
+                    return;
+                };
+                let mut written = 0;
+                for conn in watchers {
+                    // Not while it replays: its `subscribed` must come first.
+                    match subscribers.get(conn) {
+                        Some(subscriber) if subscriber.held.is_none() => {
+                            let frames = std::slice::from_ref(&frame);
+                            written += u64::from(subscriber.transport.send(frames, true));
+                        }
+                        _ => {}
+                    }
+                }
+                self.metrics.frames_out.inc_by(written);
             }
             // Taken into the run by the shard's loop.
             Command::Message(message) => self.run.push(message),

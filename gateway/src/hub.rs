@@ -19,6 +19,7 @@ use crate::broker::{Broker, BrokerError, Delivery, Event, Events};
 use crate::connection::Transport;
 use crate::fanout::{Command, Fanout, Message, Subscriber};
 use crate::metrics::{InProgress, Metrics};
+use crate::presence::Presence;
 use crate::session::{Cursor, Sessions};
 use crate::shutdown::Tasks;
 use crate::wire;
@@ -94,9 +95,14 @@ impl Hub {
         }
     }
 
-    /// Takes the broker's events until it stops: messages to the fan-out, takeovers to the
-    /// sessions, and after an outage a resync of every channel.
-    pub async fn run(self: Arc<Self>, mut events: Events, sessions: Arc<Sessions>) {
+    /// Takes the broker's events until it stops: messages and presence changes to the fan-out,
+    /// takeovers to the sessions, and after an outage a resync of every channel.
+    pub async fn run(
+        self: Arc<Self>,
+        mut events: Events,
+        sessions: Arc<Sessions>,
+        presence: Arc<Presence>,
+    ) {
         let stop = self.tasks.stop();
         loop {
             let event = tokio::select! {
@@ -119,10 +125,13 @@ impl Hub {
                 }
                 Event::Control(control) => {
                     let (hub, sessions) = (self.clone(), sessions.clone());
+                    let presence = presence.clone();
                     self.tasks.spawn("control request", async move {
-                        crate::control::apply(control, &hub, &*hub.broker, &sessions).await
+                        crate::control::apply(control, &hub, &*hub.broker, &sessions, &presence)
+                            .await
                     });
                 }
+                Event::Presence { joined, presence } => self.announce(joined, presence),
             }
         }
     }
@@ -148,6 +157,7 @@ impl Hub {
     /// Registers `conn` for the channel's live messages (held back for now), then reads what it
     /// asked to replay. No message can fall between history and live: whatever is published
     /// after the registration is held, and activation passes on only what history did not have.
+    /// With `presence`, the subscriber also gets the channel's `join` and `leave` frames.
     pub async fn prepare(
         &self,
         conn: u64,
@@ -155,6 +165,7 @@ impl Hub {
         cursor: &Arc<Cursor>,
         channel: &str,
         since: Option<&Position>,
+        presence: bool,
     ) -> Result<Prepared, BrokerError> {
         let shard = self.fanout.shard_of(conn);
         let name = {
@@ -178,6 +189,10 @@ impl Hub {
                     subscriber,
                 },
             );
+            if presence {
+                let channel = entry.name.clone();
+                self.fanout.send(shard, Command::Watch { channel, conn });
+            }
             entry.name.clone()
         };
         let history = match self.link(&name).await {
@@ -324,6 +339,34 @@ impl Hub {
                 self.tasks
                     .spawn("hub repair", async move { hub.repair(name, after).await });
             }
+        }
+    }
+
+    /// Passes a member's join or leave on to the local subscribers of its channel that asked
+    /// for them: one frame for the node, written only to them.
+    fn announce(&self, joined: bool, presence: shared::frame::Presence) {
+        // A member recorded by a node of an earlier version, keyed by its session, has no
+        // presence id: its expiry is no frame.
+        if presence.client.is_empty() {
+            return;
+        }
+        let (name, shards): (Arc<str>, Vec<usize>) = {
+            let channels = self.channels.lock();
+            let Some(channel) = channels.get(presence.channel.as_str()) else {
+                return;
+            };
+            (channel.name.clone(), channel.shards().collect())
+        };
+        let frame = if joined {
+            ServerFrame::Join(presence)
+        } else {
+            ServerFrame::Leave(presence)
+        };
+        let frame = wire::text(frame.to_json().as_bytes());
+        for shard in shards {
+            let (channel, frame) = (name.clone(), frame.clone());
+            self.fanout
+                .send(shard, Command::Presence { channel, frame });
         }
     }
 

@@ -108,7 +108,9 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let connections = TaskTracker::new();
     tasks.spawn(
         "broker events",
-        node.hub.clone().run(events, node.sessions.clone()),
+        node.hub
+            .clone()
+            .run(events, node.sessions.clone(), node.presence.clone()),
     );
     tasks.spawn(
         "session saver",
@@ -121,6 +123,10 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     tasks.spawn(
         "channel reporter",
         channels::run_reporter(node.clone(), background.clone()),
+    );
+    tasks.spawn(
+        "presence announcer",
+        presence::announcer::run(node.clone(), background.clone()),
     );
     tasks.spawn(
         "client listener",

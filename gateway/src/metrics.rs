@@ -22,6 +22,7 @@ pub const DROP_REASONS: &[&str] = &[
     "unrecoverable_gap",
     "malformed_push",
     "broker_queue_full",
+    "presence_queue_full",
 ];
 
 /// `reason` of `bgw_handshake_rejections_total`: why a WebSocket handshake was not upgraded.

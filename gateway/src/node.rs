@@ -12,6 +12,7 @@ use crate::broker::{Broker, BrokerError, Published};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::session::Sessions;
 use crate::shutdown::{Drain, Tasks};
 use crate::user_limit::UserConnections;
@@ -24,6 +25,8 @@ pub struct Node {
     pub sessions: Arc<Sessions>,
     /// `--max-connections-per-user`, across the cluster.
     pub user_connections: UserConnections,
+    /// `--presence`: the members of presence channels, and their `join` and `leave` frames.
+    pub presence: Arc<Presence>,
     pub metrics: Arc<Metrics>,
     /// `None` when authentication is off.
     pub verifier: Option<Verifier>,
@@ -58,9 +61,11 @@ impl Node {
             id.clone(),
             config.node_report_interval,
         );
+        let presence = Arc::new(Presence::new(&config.presence, id.clone(), metrics.clone()));
         Self {
             id,
             user_connections,
+            presence,
             capacity: Arc::new(Semaphore::new(config.max_connections)),
             config,
             broker,

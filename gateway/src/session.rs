@@ -26,6 +26,7 @@ use tracing::warn;
 use crate::broker::{Broker, BrokerError, Follows, NodePositions, Owner, SessionRecord};
 use crate::connection::Transport;
 use crate::metrics::Metrics;
+use crate::presence::OptIns;
 
 /// How often the node's positions are saved. A crash repeats at most about this much to a
 /// client that resumes without its own positions.
@@ -147,6 +148,8 @@ pub struct LiveSession {
     pub positions: Arc<Positions>,
     /// To close the connection when another takes the session over.
     pub transport: Arc<Transport>,
+    /// The subscriptions that asked for presence frames, saved with them.
+    pub presence: OptIns,
 }
 
 impl LiveSession {
@@ -161,6 +164,7 @@ impl LiveSession {
             subject: self.subject.clone(),
             subscriptions: self.positions.snapshot(),
             owner: self.owner.clone(),
+            presence: self.presence.names(),
             follows,
         }
     }
@@ -538,6 +542,7 @@ mod tests {
             },
             positions,
             transport,
+            presence: OptIns::new(Vec::new()),
         });
         (session, cursor, peer)
     }

@@ -196,6 +196,8 @@ pub async fn drain(node: Arc<Node>, connections: TaskTracker, signals: &mut Sign
         () = signals.next() => return warn!(connections = node.metrics.connections.get(), "second signal: exiting now"),
     }
     node.sessions.save(Scan::Changed).await;
+    // The members of the closed connections leave now, not when they expire.
+    node.presence.flush(TASKS_TIMEOUT).await;
     node.tasks.stop_all(TASKS_TIMEOUT).await;
 }
 

@@ -181,6 +181,8 @@ fn server_type(frame: &ServerFrame) -> &'static str {
         ServerFrame::Pong { .. } => "pong",
         ServerFrame::Refreshed { .. } => "refreshed",
         ServerFrame::Error { .. } => "error",
+        ServerFrame::Join(_) => "join",
+        ServerFrame::Leave(_) => "leave",
     }
 }
 
@@ -216,6 +218,8 @@ fn the_protocol_reference_names_every_frame_error_and_close_code() {
         "pong",
         "refreshed",
         "error",
+        "join",
+        "leave",
     ];
     for kind in client.iter().chain(&server) {
         assert!(

@@ -153,6 +153,14 @@ export class ClientError extends Error {
   reason?: string;
 }
 
+/** A `join` or `leave` of a presence channel. */
+export interface Presence {
+  channel: string;
+  user: string;
+  client: string;
+  count: number;
+}
+
 export interface Events {
   state: { state: State; previous: State };
   welcome: { session: string; node: string; resumed: boolean; heartbeat: number };
@@ -167,6 +175,15 @@ export interface Events {
   unsubscribed: { channel: string };
   /** Each message once, in seq order per channel. */
   message: { channel: string; seq: number; data: Json };
+  /**
+   * A member joined a channel subscribed with `presence` (PROTOCOL.md, section 14): `user` is
+   * its token's `sub` ("" when anonymous), `client` its connection (the same in its `leave`),
+   * `count` the channel's members now. Not sent above the server's
+   * `--presence-max-join-leave`; the one that crosses it is.
+   */
+  join: Presence;
+  /** A member left a channel subscribed with `presence`. */
+  leave: Presence;
   /**
    * A reconnect is scheduled after `delay` ms; `code` is the close code that caused it, if any
    * (none, and delay 0, when the browser came back online).
@@ -203,8 +220,12 @@ export class Client {
   close(): void;
   /** A new token; after a close 4001 the client reconnects with it. */
   setToken(token: Options["token"]): void;
-  /** Subscribes for the client's lifetime (across reconnects), from `since` when given. */
-  subscribe(channel: string, options?: { since?: Position }): void;
+  /**
+   * Subscribes for the client's lifetime (across reconnects), from `since` when given; with
+   * `presence`, the channel's `join` and `leave` events too (the channel must keep presence on
+   * the server, else the subscription is refused with a `server` error of status 400).
+   */
+  subscribe(channel: string, options?: { since?: Position; presence?: boolean }): void;
   unsubscribe(channel: string): void;
   /** The last delivered position of every channel. */
   positions(): Record<string, Position>;

@@ -12,6 +12,7 @@
 // (hub.js) that counts the tabs of each channel and routes between them and the connection. A
 // tab keeps its own subscriptions and positions and drops repeated seqs, so it gets every
 // message of its channels once and in order, whichever context holds the socket.
+// A subscription may ask for the `join` and `leave` frames of a presence channel (`presence`).
 // The tab also relays the browser's `online`/`offline` events and a hidden tab becoming visible
 // again (a reconnect, or a ping, at once). Types: client.d.ts.
 
@@ -160,9 +161,10 @@ export class Client {
     /** The node of the shared connection, from its last `welcome`. */
     this.node = null;
     /**
-     * Every channel this tab subscribed to: `{seq, epoch, active}`. `seq` is the last seq
-     * delivered to this tab (or the start of its subscription), `null` when unknown; `active`
-     * once the hub said `subscribed` for this tab.
+     * Every channel this tab subscribed to: `{seq, epoch, active, presence}`. `seq` is the last
+     * seq delivered to this tab (or the start of its subscription), `null` when unknown;
+     * `active` once the hub said `subscribed` for this tab; `presence` when it asked for the
+     * channel's `join` and `leave`.
      */
     this.channels = new Map();
     /** Requests to the hub, by id, waiting for their reply: `{resolve, reject, posted, msg}`. */
@@ -257,13 +259,19 @@ export class Client {
 
   /**
    * Subscribes to `channel`, for as long as the client lives (across reconnects). `since`
-   * (`{seq, epoch}`) asks for the retained messages after that position.
+   * (`{seq, epoch}`) asks for the retained messages after that position; `presence`, for the
+   * `join` and `leave` events of a channel that keeps presence.
    */
-  subscribe(channel, { since } = {}) {
+  subscribe(channel, { since, presence = false } = {}) {
     if (this.channels.has(channel)) return;
-    const sub = { seq: since?.seq ?? null, epoch: since?.epoch ?? null, active: false };
+    const sub = {
+      seq: since?.seq ?? null,
+      epoch: since?.epoch ?? null,
+      active: false,
+      presence: !!presence,
+    };
     this.channels.set(channel, sub);
-    this.postState({ op: "subscribe", channel, since: position(sub) });
+    this.postState({ op: "subscribe", channel, since: position(sub), presence: sub.presence });
   }
 
   unsubscribe(channel) {
@@ -309,9 +317,13 @@ export class Client {
   /** This tab's whole state, for a hub that does not know it yet (or to connect). */
   joinMessage() {
     const channels = {};
-    for (const [channel, sub] of this.channels) channels[channel] = position(sub);
+    const presence = [];
+    for (const [channel, sub] of this.channels) {
+      channels[channel] = position(sub);
+      if (sub.presence) presence.push(channel);
+    }
     const offline = globalThis.navigator?.onLine === false;
-    return { op: "join", channels, token: this.describeToken(), offline };
+    return { op: "join", channels, presence, token: this.describeToken(), offline };
   }
 
   /** Tells the hub a change of this tab's state; a hub reached later gets it in `join`. */
@@ -428,6 +440,9 @@ export class Client {
         return this.subscribed(event);
       case "message":
         return this.message(event);
+      case "join":
+      case "leave":
+        return this.channels.get(event.channel)?.presence ? this.emit(name, event) : undefined;
       case "error": {
         const { code, message, ...details } = event;
         // A refused subscription: it is the application's to ask again.

@@ -16,7 +16,9 @@
 //   (a hidden tab became visible); no `pong` within `pongTimeout` means the connection is dead:
 //   it is dropped and replaced;
 // - queues publishes (bounded) until `welcome`, and holds them while the socket's
-//   `bufferedAmount` is above `highWaterMark`.
+//   `bufferedAmount` is above `highWaterMark`;
+// - asks for the `join` and `leave` frames of a presence channel where subscribed with
+//   `presence` (the session keeps that across a resume), and passes them on.
 // The clock, the random source and the WebSocket constructor are options, so that tests fake
 // them. Types: client.d.ts.
 
@@ -93,10 +95,10 @@ export class Connection {
     /** The node of the current connection, from its `welcome`. */
     this.node = null;
     /**
-     * Every channel subscribed to: `{seq, epoch, confirmed}`. `seq` is the last seq delivered
-     * (or the start of the subscription), `null` when unknown; `confirmed` once the current
-     * connection said `subscribed` (or restored it), since only then does `seq` say where its
-     * delivery goes on.
+     * Every channel subscribed to: `{seq, epoch, confirmed, presence}`. `seq` is the last seq
+     * delivered (or the start of the subscription), `null` when unknown; `confirmed` once the
+     * current connection said `subscribed` (or restored it), since only then does `seq` say where
+     * its delivery goes on; `presence` when its `join` and `leave` frames were asked for.
      */
     this.channels = new Map();
     /** Publishes not yet written to a socket: `{id, text}`. */
@@ -195,19 +197,38 @@ export class Connection {
   restore(session, positions) {
     this.session = session;
     for (const [channel, { seq, epoch }] of Object.entries(positions)) {
-      this.channels.set(channel, { seq, epoch, confirmed: false });
+      this.channels.set(channel, { seq, epoch, confirmed: false, presence: false });
     }
   }
 
   /**
    * Subscribes to `channel`, for as long as the connection lives (across reconnects). `since`
-   * (`{seq, epoch}`) asks for the retained messages after that position.
+   * (`{seq, epoch}`) asks for the retained messages after that position; `presence`, for the
+   * channel's `join` and `leave` frames (a channel that keeps presence).
    */
-  subscribe(channel, { since } = {}) {
+  subscribe(channel, { since, presence = false } = {}) {
     if (this.channels.has(channel)) return;
     const seq = since?.seq ?? null;
-    this.channels.set(channel, { seq, epoch: since?.epoch ?? null, confirmed: false });
+    const sub = { seq, epoch: since?.epoch ?? null, confirmed: false, presence: !!presence };
+    this.channels.set(channel, sub);
     if (this.state === OPEN) this.sendSubscribe(channel);
+  }
+
+  /**
+   * A channel held without its presence frames is wanted with them (another tab asks): it is
+   * subscribed again, with them, from where its delivery is.
+   */
+  askPresence(channel) {
+    const sub = this.channels.get(channel);
+    if (!sub || sub.presence) return undefined;
+    sub.presence = true;
+    if (sub.seq !== null) return this.rewind(channel, { seq: sub.seq, epoch: sub.epoch ?? undefined });
+    if (this.state !== OPEN) return undefined; // the next `hello` or `welcome` takes it
+    for (const request of this.requests.values()) {
+      if (request.kind === "subscribe" && request.channel === channel) request.stale = true;
+    }
+    this.sendRequest("unsubscribe", channel);
+    return this.sendSubscribe(channel);
   }
 
   /**
@@ -375,6 +396,9 @@ export class Connection {
       }
       case "message":
         return this.message(frame);
+      case "join":
+      case "leave":
+        return this.presence(frame);
       case "pong":
         return this.clearTimer("pong");
       case "unsubscribed":
@@ -456,6 +480,12 @@ export class Connection {
     this.emit("message", { channel, seq, data });
   }
 
+  /** A member joined or left a channel subscribed with `presence`. */
+  presence({ type, channel, user, client, count }) {
+    if (!this.channels.get(channel)?.presence) return;
+    this.emit(type, { channel, user, client, count });
+  }
+
   serverError(frame) {
     const error = new ClientError("server", frame.message, { status: frame.code, id: frame.id });
     if (this.pending.has(frame.id)) return this.settle(frame.id, (p) => p.reject(error));
@@ -472,15 +502,18 @@ export class Connection {
   }
 
   sendSubscribe(channel) {
-    const { seq, epoch } = this.channels.get(channel);
+    const { seq, epoch, presence } = this.channels.get(channel);
     const since = seq === null ? undefined : epoch === null ? { seq } : { seq, epoch };
-    this.sendRequest("subscribe", channel, since);
+    this.sendRequest("subscribe", channel, since, presence);
   }
 
-  sendRequest(kind, channel, since) {
+  sendRequest(kind, channel, since, presence) {
     const id = this.nextId++;
     this.requests.set(id, { kind, channel });
-    this.send(since ? { type: kind, id, channel, since } : { type: kind, id, channel });
+    const frame = { type: kind, id, channel };
+    if (since) frame.since = since;
+    if (presence) frame.presence = true;
+    this.send(frame);
   }
 
   request(frame) {

@@ -8,8 +8,9 @@
 // token. It reaches tabs only through `ports.send(tabIds, message)`, so it runs the same over a
 // function call, MessagePorts or a BroadcastChannel, and tests drive it with plain functions.
 //
-// Tab to hub, `{op, ...}`: join {channels: {name: since | null}, token, offline}, leave,
-// subscribe {channel, since}, unsubscribe {channel}, publish {id, channel, data},
+// Tab to hub, `{op, ...}`: join {channels: {name: since | null}, presence: [name], token,
+// offline}, leave, subscribe {channel, since, presence}, unsubscribe {channel},
+// publish {id, channel, data},
 // refresh {id, token}, token {token}, tokenReply {req, token | error}, check, online, offline.
 // Hub to tab: {type: "event", name, event}, {type: "reply", id, value | error},
 // {type: "token", req}. A token is described as {kind: "none" | "value" | "callback", value?,
@@ -125,6 +126,11 @@ export class Hub {
       this.toChannel(subscribed.channel, "subscribed", { ...subscribed, start });
     });
     c.on("message", (message) => this.toChannel(message.channel, "message", message));
+    for (const name of ["join", "leave"]) {
+      c.on(name, (event) =>
+        this.toChannel(event.channel, name, event, (tab) => tab.presence.has(event.channel)),
+      );
+    }
     c.on("error", (e) => {
       const error = errorFields(e);
       if (error.channel === undefined) return this.toJoined("error", error);
@@ -147,7 +153,7 @@ export class Hub {
         return this.leave(id);
       case "subscribe": {
         const tab = this.tabs.get(id);
-        return tab?.joined && this.add(tab, msg.channel, msg.since);
+        return tab?.joined && this.add(tab, msg.channel, msg.since, msg.presence);
       }
       case "unsubscribe": {
         const tab = this.tabs.get(id);
@@ -180,7 +186,7 @@ export class Hub {
    * A tab connects, or tells a new hub what it holds: `channels` maps each of its channels to
    * its position (or null). It is the whole state of the tab, so it may come again.
    */
-  join(id, { channels, token, offline }) {
+  join(id, { channels, presence = [], token, offline }) {
     const tab = this.tab(id);
     tab.joined = true;
     this.setToken(id, token);
@@ -190,7 +196,9 @@ export class Hub {
     for (const channel of [...tab.channels]) {
       if (!(channel in channels)) this.remove(tab, channel);
     }
-    for (const [channel, since] of Object.entries(channels)) this.add(tab, channel, since);
+    for (const [channel, since] of Object.entries(channels)) {
+      this.add(tab, channel, since, presence.includes(channel));
+    }
     // A connection being attempted is left alone: tabs join one by one.
     if (state === CLOSED || state === RECONNECTING) this.connection.connect();
     else this.send([id], "state", { state });
@@ -215,7 +223,15 @@ export class Hub {
   tab(id) {
     let tab = this.tabs.get(id);
     if (!tab) {
-      tab = { id, joined: false, channels: new Set(), token: { kind: "none" }, tokenOrder: 0 };
+      tab = {
+        id,
+        joined: false,
+        channels: new Set(),
+        /** The channels whose `join` and `leave` this tab asked for. */
+        presence: new Set(),
+        token: { kind: "none" },
+        tokenOrder: 0,
+      };
       this.tabs.set(id, tab);
     }
     return tab;
@@ -226,14 +242,17 @@ export class Hub {
     return false;
   }
 
-  add(tab, channel, since) {
+  add(tab, channel, since, presence = false) {
     if (tab.channels.has(channel)) return;
     tab.channels.add(channel);
+    if (presence) tab.presence.add(channel);
     let holders = this.holders.get(channel);
     if (!holders) this.holders.set(channel, (holders = new Set()));
     holders.add(tab.id);
     const sub = this.connection.channels.get(channel);
-    if (!sub) return this.connection.subscribe(channel, { since: since ?? undefined });
+    if (!sub) return this.connection.subscribe(channel, { since: since ?? undefined, presence });
+    // Held without the presence frames this tab wants: subscribed again with them.
+    if (presence && !sub.presence) return this.connection.askPresence(channel);
     // Held already, from a later position than this tab's (it joins a new leader that saw more
     // than it did, or asks for retained messages): the connection replays from this tab's, and
     // its `subscribed` reaches this tab too.
@@ -255,6 +274,7 @@ export class Hub {
 
   remove(tab, channel) {
     if (!tab.channels.delete(channel)) return;
+    tab.presence.delete(channel);
     const holders = this.holders.get(channel);
     holders.delete(tab.id);
     if (holders.size > 0) return;
@@ -349,10 +369,12 @@ export class Hub {
     this.send(ids, name, event);
   }
 
-  toChannel(channel, name, event) {
+  /** To the joined tabs that hold `channel` (and that `wants` it, when given). */
+  toChannel(channel, name, event, wants = () => true) {
     const ids = [];
     for (const id of this.holders.get(channel) ?? []) {
-      if (this.tabs.get(id)?.joined) ids.push(id);
+      const tab = this.tabs.get(id);
+      if (tab?.joined && wants(tab)) ids.push(id);
     }
     this.send(ids, name, event);
   }

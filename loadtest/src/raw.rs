@@ -61,6 +61,7 @@ pub async fn subscribe(
         id: None,
         channel: channel.to_owned(),
         since: None,
+        presence: false,
     })?;
     socket.send(&subscribe).await?;
     let subscribed = socket.reply(br#""type":"subscribed""#).await?;

@@ -15,7 +15,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsClos
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::frame::{numeric_id, ChannelState};
+use crate::frame::{numeric_id, ChannelState, Presence};
 use crate::{ClientFrame, Position, ServerFrame};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -88,6 +88,11 @@ pub enum Event {
         seq: u64,
         data: Box<RawValue>,
     },
+    /// A subscription of a presence channel started (a `join`), where this client asked for
+    /// them ([`Client::subscribe_with_presence`]).
+    Joined(Presence),
+    /// A subscription of a presence channel ended (a `leave`).
+    Left(Presence),
     /// A reply to a publish.
     Published { channel: String, seq: u64 },
     /// An `error` frame.
@@ -118,7 +123,8 @@ pub struct Client {
 }
 
 enum Command {
-    Subscribe(String, Option<Position>),
+    /// The channel, where from, and whether with its `join` and `leave` frames.
+    Subscribe(String, Option<Position>, bool),
     Unsubscribe(String),
     Publish(String, Box<RawValue>),
 }
@@ -134,7 +140,17 @@ impl Client {
 
     /// Subscribes, from `since` when given; the subscription is restored on every reconnect.
     pub fn subscribe(&self, channel: &str, since: Option<Position>) -> Result<(), ClientError> {
-        self.command(Command::Subscribe(channel.to_owned(), since))
+        self.command(Command::Subscribe(channel.to_owned(), since, false))
+    }
+
+    /// Subscribes as [`Client::subscribe`] does, with the channel's `join` and `leave` frames
+    /// ([`Event::Joined`], [`Event::Left`]); the channel must keep presence on the server.
+    pub fn subscribe_with_presence(
+        &self,
+        channel: &str,
+        since: Option<Position>,
+    ) -> Result<(), ClientError> {
+        self.command(Command::Subscribe(channel.to_owned(), since, true))
     }
 
     pub fn unsubscribe(&self, channel: &str) -> Result<(), ClientError> {
@@ -169,6 +185,8 @@ struct State {
     session: Option<String>,
     /// Subscribed channels and the last position delivered on each.
     positions: BTreeMap<String, Option<Position>>,
+    /// The subscribed channels whose `join` and `leave` frames were asked for.
+    presence: BTreeSet<String>,
     /// Frames waiting for a connection.
     queued: VecDeque<ClientFrame>,
     next_id: u64,
@@ -323,6 +341,7 @@ async fn connect(
         state.next_id += 1;
         let frame = ClientFrame::Subscribe {
             id: Some(numeric_id(state.next_id)),
+            presence: state.presence.contains(&channel),
             channel,
             since,
         };
@@ -428,12 +447,21 @@ impl State {
         self.next_id += 1;
         let id = Some(numeric_id(self.next_id));
         match command {
-            Command::Subscribe(channel, since) => {
+            Command::Subscribe(channel, since, presence) => {
                 self.positions.insert(channel.clone(), since.clone());
-                ClientFrame::Subscribe { id, channel, since }
+                if presence {
+                    self.presence.insert(channel.clone());
+                }
+                ClientFrame::Subscribe {
+                    id,
+                    channel,
+                    since,
+                    presence,
+                }
             }
             Command::Unsubscribe(channel) => {
                 self.positions.remove(&channel);
+                self.presence.remove(&channel);
                 ClientFrame::Unsubscribe { id, channel }
             }
             Command::Publish(channel, data) => ClientFrame::Publish { id, channel, data },
@@ -484,6 +512,8 @@ impl State {
             ServerFrame::Published { channel, seq, .. } => Some(Event::Published { channel, seq }),
             ServerFrame::Error { code, message, .. } => Some(Event::Error { code, message }),
             ServerFrame::Refreshed { .. } => None,
+            ServerFrame::Join(presence) => Some(Event::Joined(presence)),
+            ServerFrame::Leave(presence) => Some(Event::Left(presence)),
         }
     }
 }

@@ -36,6 +36,9 @@ pub enum ClientFrame {
         channel: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         since: Option<Position>,
+        /// Asks for the channel's `join` and `leave` frames (a channel that keeps presence).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        presence: bool,
     },
     Unsubscribe {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -86,6 +89,8 @@ struct Fields<'a> {
     token: Option<&'a RawValue>,
     #[serde(borrow, default)]
     session: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    presence: Option<&'a RawValue>,
 }
 
 impl ClientFrame {
@@ -143,6 +148,7 @@ impl Fields<'_> {
                 id,
                 channel: required(self.channel, "channel")?,
                 since: optional(self.since, "since")?,
+                presence: optional(self.presence, "presence")?.unwrap_or(false),
             },
             "unsubscribe" => ClientFrame::Unsubscribe {
                 id,
@@ -235,6 +241,23 @@ pub enum ServerFrame {
         code: u16,
         message: String,
     },
+    /// A subscription of a presence channel started, for the subscribers that asked for these.
+    Join(Presence),
+    /// A subscription of a presence channel ended.
+    Leave(Presence),
+}
+
+/// Who joined or left a presence channel: never a session id, which is the credential of an
+/// anonymous client (PROTOCOL.md, section 14).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub channel: String,
+    /// The token's `sub`; empty for an anonymous client.
+    pub user: String,
+    /// The connection's id for presence: the same in its `join` and its `leave`.
+    pub client: String,
+    /// The channel's members after this change, across the cluster.
+    pub count: u64,
 }
 
 /// Every field a server frame may carry. `serde` cannot read borrowed raw values through an
@@ -260,6 +283,9 @@ struct ServerFields<'a> {
     expires: Option<Option<u64>>,
     code: Option<u16>,
     message: Option<String>,
+    user: Option<String>,
+    client: Option<String>,
+    count: Option<u64>,
 }
 
 /// Keeps a raw field that is `null` (`data` may be any JSON value, `null` too), where serde
@@ -320,6 +346,19 @@ impl<'de> Deserialize<'de> for ServerFrame {
                 code: need(f.code, "code")?,
                 message: need(f.message, "message")?,
             },
+            "join" | "leave" => {
+                let presence = Presence {
+                    channel: need(f.channel, "channel")?,
+                    user: need(f.user, "user")?,
+                    client: need(f.client, "client")?,
+                    count: need(f.count, "count")?,
+                };
+                if f.kind == "join" {
+                    Self::Join(presence)
+                } else {
+                    Self::Leave(presence)
+                }
+            }
             other => return Err(D::Error::unknown_variant(other, &[])),
         })
     }
@@ -414,9 +453,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(sub.id().unwrap().get(), r#""a""#);
-        let ClientFrame::Subscribe { channel, since, .. } = sub else {
+        let ClientFrame::Subscribe {
+            channel,
+            since,
+            presence,
+            ..
+        } = sub
+        else {
             panic!()
         };
+        assert!(!presence, "no presence unless asked for");
         assert_eq!(
             (channel.as_str(), since),
             (
@@ -427,6 +473,15 @@ mod tests {
                 })
             )
         );
+
+        let watch = ClientFrame::parse(r#"{"type":"subscribe","channel":"room","presence":true}"#);
+        assert!(matches!(
+            watch,
+            Ok(ClientFrame::Subscribe { presence: true, .. })
+        ));
+        assert!(bad(r#"{"type":"subscribe","channel":"room","presence":1}"#)
+            .1
+            .contains("presence"));
 
         let publish = ClientFrame::parse(
             r#"{"type":"publish","id":7,"channel":"c","data": {"a" : [1, 2]} }"#,
@@ -540,6 +595,16 @@ mod tests {
                 id: Some(_)
             }
         ));
+        let join = ServerFrame::Join(Presence {
+            channel: "room".into(),
+            user: "alice".into(),
+            client: "9f3c".into(),
+            count: 2,
+        });
+        let text = r#"{"type":"join","channel":"room","user":"alice","client":"9f3c","count":2}"#;
+        assert_eq!(join.to_json(), text);
+        let back: ServerFrame = serde_json::from_str(&text.replace("join", "leave")).unwrap();
+        assert!(matches!(back, ServerFrame::Leave(p) if p.client == "9f3c" && p.count == 2));
         let error = ServerFrame::error(None, ErrorCode::NotSubscribed, "not subscribed");
         assert_eq!(
             error.to_json(),

@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_json::value::RawValue;
 use serde_json::Value;
-use shared::frame::{encode_message, ChannelState, Id};
+use shared::frame::{encode_message, ChannelState, Id, Presence};
 use shared::{valid_channel, ChannelPattern, ClientFrame, FrameError, Position, ServerFrame};
 
 // ---------------------------------------------------------------------------------------------
@@ -81,8 +81,18 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
                 session,
                 since
             }),
-        (opt_id(), channel(), proptest::option::of(position()))
-            .prop_map(|(id, channel, since)| ClientFrame::Subscribe { id, channel, since }),
+        (
+            opt_id(),
+            channel(),
+            proptest::option::of(position()),
+            any::<bool>()
+        )
+            .prop_map(|(id, channel, since, presence)| ClientFrame::Subscribe {
+                id,
+                channel,
+                since,
+                presence
+            }),
         (opt_id(), channel()).prop_map(|(id, channel)| ClientFrame::Unsubscribe { id, channel }),
         (opt_id(), channel(), json_value()).prop_map(|(id, channel, data)| {
             ClientFrame::Publish {
@@ -159,6 +169,26 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             .prop_map(|(id, expires)| ServerFrame::Refreshed { id, expires }),
         (opt_id(), any::<u16>(), any::<String>())
             .prop_map(|(id, code, message)| { ServerFrame::Error { id, code, message } }),
+        (
+            any::<bool>(),
+            channel(),
+            any::<String>(),
+            any::<String>(),
+            any::<u64>()
+        )
+            .prop_map(|(joined, channel, user, client, count)| {
+                let presence = Presence {
+                    channel,
+                    user,
+                    client,
+                    count,
+                };
+                if joined {
+                    ServerFrame::Join(presence)
+                } else {
+                    ServerFrame::Leave(presence)
+                }
+            }),
     ]
 }
 
@@ -331,7 +361,7 @@ proptest! {
     #[test]
     fn wrongly_typed_fields_are_bad_requests(
         kind in prop::sample::select(&["hello", "subscribe", "unsubscribe", "publish", "ping", "refresh", "nope"][..]),
-        field in prop::sample::select(&["type", "id", "channel", "since", "data", "token", "session"][..]),
+        field in prop::sample::select(&["type", "id", "channel", "since", "data", "token", "session", "presence"][..]),
         value in prop_oneof![
             json_value(),
             (json_value(), json_value()).prop_map(|(seq, epoch)| serde_json::json!({"seq": seq, "epoch": epoch})),
@@ -359,6 +389,8 @@ proptest! {
                 && serde_json::from_value::<Option<Position>>(value.clone()).is_err() => Some("since"),
             "since" if kind == "hello"
                 && serde_json::from_value::<Option<BTreeMap<String, Position>>>(value.clone()).is_err() => Some("since"),
+            "presence" if kind == "subscribe"
+                && serde_json::from_value::<Option<bool>>(value.clone()).is_err() => Some("presence"),
             _ => None,
         };
         let known = ["hello", "subscribe", "unsubscribe", "publish", "ping", "refresh"].contains(&kind);

@@ -9,7 +9,7 @@ pub mod embedded;
 pub mod reconnect;
 pub mod redis;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::presence::Member;
+use crate::presence::{Change, Member};
 use crate::shutdown::Tasks;
 
 /// How long a channel's seq and epoch outlive its last publish or read, in either broker. Much
@@ -126,6 +126,12 @@ pub enum Event {
     Resync,
     /// A back end acts on connections of every node (admin API): see [`crate::control`].
     Control(Control),
+    /// A member joined (`joined`) or left a presence channel: a `join` or `leave` frame for the
+    /// local subscribers that asked for them ([`crate::presence`]).
+    Presence {
+        joined: bool,
+        presence: shared::frame::Presence,
+    },
 }
 
 /// What a back end asks every node to do to the connections of a user or of one session.
@@ -214,6 +220,9 @@ pub struct SessionRecord {
     pub subject: String,
     pub subscriptions: BTreeMap<String, Position>,
     pub owner: Owner,
+    /// The subscriptions that asked for `join` and `leave` frames: a resume keeps them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub presence: BTreeSet<String>,
     /// Set on the record of a live connection: its positions are where it stood at the save,
     /// and a later save of its node's positions may carry them further (see
     /// [`crate::session`]). `None` on a record saved when the connection ended: exact.
@@ -375,13 +384,18 @@ pub trait Broker: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<(), BrokerError>;
 
-    /// Stores this node's members of presence channels (each expiring after `ttl` unless
-    /// reported again) and removes those that left.
-    async fn report_presence(
+    /// Adds (or reports again) and removes members of presence channels, each channel's in the
+    /// order given, atomically with what each change announces: an added member expires after
+    /// `ttl` unless reported again, and expired ones are removed first. A change that is one (a
+    /// member added that was absent, removed that was present) reaches every node subscribed to
+    /// the channel as [`Event::Presence`], with the channel's member count after it, when
+    /// [`crate::presence::announced`] says so under `max`; so does the removal of an expired
+    /// member.
+    async fn change_presence(
         &self,
-        members: &[(Arc<str>, Member)],
-        left: &[(Arc<str>, String)],
+        changes: &[Change],
         ttl: Duration,
+        max: usize,
     ) -> Result<(), BrokerError>;
 
     /// The channel's unexpired members, at most `limit` of them, and how many there are.

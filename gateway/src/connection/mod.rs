@@ -368,10 +368,14 @@ impl Connection {
             .send(&[wire::text(frame.to_json().as_bytes())], true);
     }
 
-    /// Leaves the hub and hands the session to the saver, which keeps it for the TTL.
+    /// Leaves the hub (and presence) and hands the session to the saver, which keeps it for
+    /// the TTL.
     async fn end(&mut self) {
         for channel in self.positions.channels() {
             self.node.hub.remove(self.id, &channel).await;
+            if let Some(session) = &self.session {
+                self.node.presence.left(session, &channel);
+            }
         }
         if let Some(session) = self.session.take() {
             self.node.sessions.detach(&session);

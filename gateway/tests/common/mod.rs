@@ -586,6 +586,7 @@ impl Client {
             id: Some(numeric_id(id)),
             channel: channel.to_owned(),
             since,
+            presence: false,
         })
         .await;
         let subscribed = self.recv_subscribed().await;

@@ -153,3 +153,35 @@ test("a draining node (close 1001): the page resumes on another node at once", {
   assertExactlyOnce(demo, "drain", total);
   assert.deepEqual(demo.errors, []);
 });
+
+test("presence: a page that asks sees the other pages of a presence channel join and leave", { timeout: TIMEOUT }, async () => {
+  const gw = await lab.gateway({ flags: ["--presence", "room.*"] });
+  const page = (presence) =>
+    `http://127.0.0.1:${gw.port}/?channel=room.e2e&shared=false&connect${presence ? "&presence" : ""}`;
+  const watcher = await browser.newTab();
+  await watcher.navigate(page(true));
+  let seen = await watcher.waitDemo("its own join", (d) => d.presence.length === 1);
+  const own = seen.presence[0];
+  assert.deepEqual({ ...own, client: "" }, { type: "join", channel: "room.e2e", user: "", client: "", count: 1 });
+  assert.match(own.client, /^[0-9a-f]{16}$/);
+
+  const other = await browser.newTab();
+  await other.navigate(page(false));
+  await other.waitDemo("the other page to subscribe", (d) => d.state === "OPEN" && d.subscribed.length === 1);
+  seen = await watcher.waitDemo("the other page's join", (d) => d.presence.length === 2);
+  const joined = seen.presence[1];
+  assert.equal(joined.type, "join");
+  assert.equal(joined.count, 2);
+  assert.notEqual(joined.client, own.client);
+  const session = (await other.demo()).session;
+  assert.ok(!JSON.stringify(seen.presence).includes(session), "no session id in presence frames");
+  await gw.publish("room.e2e", 1);
+  const asked = await other.waitDemo("the message", (d) => d.messages.length === 1);
+  assert.deepEqual(asked.presence, [], "a page that did not ask gets no join or leave");
+
+  await other.close();
+  seen = await watcher.waitDemo("the other page's leave", (d) => d.presence.length === 3);
+  assert.deepEqual(seen.presence[2], { ...joined, type: "leave", count: 1 });
+  assert.deepEqual(seen.errors, []);
+  await watcher.close();
+});

@@ -363,6 +363,7 @@ export class Browser {
         node: d.client.node,
         messages: d.messages,
         subscribed: d.subscribed,
+        presence: d.presence,
         welcomes: d.welcomes,
         reconnects: d.reconnects,
         errors: d.errors,

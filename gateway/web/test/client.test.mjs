@@ -28,7 +28,7 @@ function setup(options = {}) {
     ...options,
   });
   const events = [];
-  for (const type of ["state", "welcome", "subscribed", "message", "reconnect", "error"]) {
+  for (const type of ["state", "welcome", "subscribed", "message", "join", "leave", "reconnect", "error"]) {
     client.on(type, (event) => events.push({ type, event }));
   }
   const of = (type) => events.filter((e) => e.type === type).map((e) => e.event);
@@ -539,4 +539,36 @@ test("the page's offline, online and visibilitychange reach the connection", () 
   } finally {
     Object.assign(globalThis, saved);
   }
+});
+
+test("presence: asked for on subscribe and again after a lost session; join and leave become events", () => {
+  const t = connected();
+  t.client.subscribe("room.1", { presence: true });
+  t.client.subscribe("news");
+  assert.deepEqual(t.socket().sent.slice(1), [
+    { type: "subscribe", id: 1, channel: "room.1", presence: true },
+    { type: "subscribe", id: 2, channel: "news" },
+  ]);
+  t.socket().receive({ type: "subscribed", id: 1, channel: "room.1", seq: 0, epoch: "E", recovered: true });
+  t.socket().receive({ type: "subscribed", id: 2, channel: "news", seq: 0, epoch: "F", recovered: true });
+  const bob = { channel: "room.1", user: "bob", client: "e03b5d2c98a17f40", count: 2 };
+  t.socket().receive({ type: "join", ...bob });
+  t.socket().receive({ type: "leave", ...bob, count: 1 });
+  // Of a channel subscribed without presence, or not subscribed: nothing; unknown types neither.
+  t.socket().receive({ type: "join", ...bob, channel: "news" });
+  t.socket().receive({ type: "join", ...bob, channel: "other" });
+  t.socket().receive({ type: "later", channel: "room.1" });
+  assert.deepEqual(t.of("join"), [bob]);
+  assert.deepEqual(t.of("leave"), [{ ...bob, count: 1 }]);
+  assert.deepEqual(t.of("error"), []);
+
+  // The session is lost: subscribed again, with presence where it was asked for.
+  t.socket().serverClose(1006);
+  t.clock.advance(1000);
+  t.socket().open();
+  t.socket().receive(welcome({ session: "s2" }));
+  assert.deepEqual(t.socket().sent.slice(1), [
+    { type: "subscribe", id: 3, channel: "room.1", since: { seq: 0, epoch: "E" }, presence: true },
+    { type: "subscribe", id: 4, channel: "news", since: { seq: 0, epoch: "F" } },
+  ]);
 });

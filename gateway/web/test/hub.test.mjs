@@ -478,3 +478,37 @@ test("a follower's mirror: the session and the positions of the channels the lea
   mirror.observe(event("welcome", { session: "s2", node: "n2", resumed: false, heartbeat: 25 }));
   assert.equal(mirror.seed().session, "s2");
 });
+
+test("presence: join and leave only to the tabs that asked; a tab asking later subscribes the channel again with it", () => {
+  const t = setup();
+  t.join("plain", { a: null });
+  open(t);
+  t.socket().receive({ type: "subscribed", id: 1, channel: "a", seq: 3, epoch: "E", recovered: true });
+  t.socket().receive({ type: "message", channel: "a", seq: 4, data: 4 });
+  // The connection holds `a` without presence: a tab that wants it subscribes it again, from
+  // where delivery is, with it.
+  t.hub.receive("watcher", { op: "join", channels: { a: null }, presence: ["a"], token: { kind: "none" } });
+  assert.deepEqual(t.frames().slice(1), [
+    { type: "unsubscribe", id: 2, channel: "a" },
+    { type: "subscribe", id: 3, channel: "a", since: { seq: 4, epoch: "E" }, presence: true },
+  ]);
+  t.socket().receive({ type: "unsubscribed", id: 2, channel: "a" });
+  t.socket().receive({ type: "subscribed", id: 3, channel: "a", seq: 4, epoch: "E", recovered: true });
+  const carol = { channel: "a", user: "carol", client: "6c1f0a9e2b7d4415", count: 3 };
+  t.socket().receive({ type: "join", ...carol });
+  t.socket().receive({ type: "leave", ...carol, count: 2 });
+  assert.deepEqual(t.events("watcher", "join"), [carol]);
+  assert.deepEqual(t.events("watcher", "leave"), [{ ...carol, count: 2 }]);
+  assert.deepEqual([...t.events("plain", "join"), ...t.events("plain", "leave")], []);
+  // A third tab asking for it on the same channel: nothing more to ask of the server.
+  t.hub.receive("t3", { op: "join", channels: {}, token: { kind: "none" } });
+  t.hub.receive("t3", { op: "subscribe", channel: "a", since: null, presence: true });
+  assert.equal(t.frames().length, 3);
+  t.socket().receive({ type: "join", ...carol, count: 4 });
+  assert.equal(t.events("t3", "join").length, 1);
+  // The watcher leaves the channel: its frames stop.
+  t.hub.receive("watcher", { op: "unsubscribe", channel: "a" });
+  t.socket().receive({ type: "leave", ...carol, count: 3 });
+  assert.equal(t.events("watcher", "leave").length, 1);
+  assert.equal(t.events("t3", "leave").length, 1);
+});

@@ -10,6 +10,7 @@ import {
   DEFAULTS,
   type ErrorCode,
   type Position,
+  type Presence,
   type Sharing,
   type State,
 } from "../client.js";
@@ -37,6 +38,9 @@ client.on("error", (e) => {
 });
 const since: Position = { seq: 41, epoch: "k3f9" };
 client.subscribe("news", { since });
+client.subscribe("room.1", { presence: true });
+client.on("join", ({ channel, user, client: id, count }) => console.log(channel, user, id, count));
+client.on("leave", ({ client: id, count }: Presence) => console.log(id, count));
 client.connect();
 client.publish("news", { hello: ["world", 1, null, true] }).then(({ seq }) => seq + 1);
 client.refresh("token").then(({ expires }) => expires ?? 0);
@@ -52,3 +56,5 @@ console.log(sharing, state, positions, backoffDelay(2), DEFAULTS.maxDelay, CLOSE
 client.publish("news", () => 1);
 // @ts-expect-error: `shared` is a boolean
 new Client({ shared: "worker" });
+// @ts-expect-error: `presence` is a boolean
+client.subscribe("room.1", { presence: "yes" });

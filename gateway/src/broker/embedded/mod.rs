@@ -26,7 +26,7 @@ use super::{
     Broker, BrokerError, Control, Event, Events, History, HistoryLimits, NodePositions, Owner,
     Published, SessionRecord, CHANNEL_TTL,
 };
-use crate::presence::Member;
+use crate::presence::{Change, Member};
 use crate::shutdown::Tasks;
 
 /// How many events may wait for the hub before publishers wait: enough to absorb a burst while
@@ -58,7 +58,8 @@ struct State {
     reported: (Vec<(Arc<str>, u64)>, Option<Instant>),
     /// Each user's connections, and when each expires unless refreshed.
     user_connections: HashMap<String, HashMap<String, Instant>>,
-    /// Members of presence channels, by channel and session, each with its expiry.
+    /// Members of presence channels, by channel and connection (presence id), each with its
+    /// expiry.
     presence: HashMap<Arc<str>, HashMap<String, (Member, Instant)>>,
     /// Each node's last saved positions, and when they expire.
     positions: HashMap<String, (NodePositions, Instant)>,
@@ -259,13 +260,13 @@ impl Broker for EmbeddedBroker {
         self.refresh_connections(slots, ttl).await
     }
 
-    async fn report_presence(
+    async fn change_presence(
         &self,
-        members: &[(Arc<str>, Member)],
-        left: &[(Arc<str>, String)],
+        changes: &[Change],
         ttl: Duration,
+        max: usize,
     ) -> Result<(), BrokerError> {
-        self.report_presence(members, left, ttl).await
+        self.change_presence(changes, ttl, max).await
     }
 
     async fn presence(

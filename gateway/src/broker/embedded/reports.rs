@@ -1,12 +1,13 @@
 //! What the nodes report to the embedded broker of their subscribers: each channel's count,
 //! and the members of presence channels.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::EmbeddedBroker;
-use crate::broker::BrokerError;
-use crate::presence::Member;
+use super::{EmbeddedBroker, State};
+use crate::broker::{BrokerError, Event};
+use crate::presence::{announced, Change, Member};
 
 impl EmbeddedBroker {
     pub(super) async fn report_channels(
@@ -27,25 +28,61 @@ impl EmbeddedBroker {
         Ok(counts.iter().map(|(c, n)| (c.to_string(), *n)).collect())
     }
 
-    pub(super) async fn report_presence(
+    pub(super) async fn change_presence(
         &self,
-        members: &[(Arc<str>, Member)],
-        left: &[(Arc<str>, String)],
+        changes: &[Change],
         ttl: Duration,
+        max: usize,
     ) -> Result<(), BrokerError> {
-        let until = Instant::now() + ttl;
-        let mut state = self.state.lock();
-        for (channel, session) in left {
-            if let Some(members) = state.presence.get_mut(channel) {
-                members.remove(session);
+        let now = Instant::now();
+        let mut events = Vec::new();
+        // Each channel's expired members go first, once per call.
+        let mut swept = HashSet::new();
+        {
+            let mut state = self.state.lock();
+            let State {
+                presence,
+                subscribed,
+                ..
+            } = &mut *state;
+            for change in changes {
+                let members = presence.entry(change.channel.clone()).or_default();
+                let mut announce = |joined: bool, member: &Member, count: usize| {
+                    if subscribed.contains(&change.channel) && announced(joined, count as u64, max)
+                    {
+                        events.push(presence_event(&change.channel, joined, member, count));
+                    }
+                };
+                let expired: Vec<String> = if swept.insert(change.channel.clone()) {
+                    let expired = members.iter().filter(|(_, (_, until))| *until <= now);
+                    expired.map(|(client, _)| client.clone()).collect()
+                } else {
+                    Vec::new()
+                };
+                for client in expired {
+                    if let Some((member, _)) = members.remove(&client) {
+                        announce(false, &member, members.len());
+                    }
+                }
+                let client = &change.member.client;
+                if change.joined {
+                    let entry = (change.member.clone(), now + ttl);
+                    if members.insert(client.clone(), entry).is_none() {
+                        announce(true, &change.member, members.len());
+                    }
+                } else if let Some((member, _)) = members.remove(client) {
+                    announce(false, &member, members.len());
+                }
+                if members.is_empty() {
+                    presence.remove(&change.channel);
+                }
             }
         }
-        for (channel, member) in members {
-            state
-                .presence
-                .entry(channel.clone())
-                .or_default()
-                .insert(member.session.clone(), (member.clone(), until));
+        for event in events {
+            self.events
+                .send(event)
+                .await
+                .map_err(|_| BrokerError::Internal("node stopped".into()))?;
         }
         Ok(())
     }
@@ -70,5 +107,18 @@ impl EmbeddedBroker {
         let count = members.len() as u64;
         members.truncate(limit);
         Ok((count, members))
+    }
+}
+
+/// The event of a member that joined or left `channel`, which has `count` members after it.
+fn presence_event(channel: &str, joined: bool, member: &Member, count: usize) -> Event {
+    Event::Presence {
+        joined,
+        presence: shared::frame::Presence {
+            channel: channel.to_owned(),
+            user: member.user.clone(),
+            client: member.client.clone(),
+            count: count as u64,
+        },
     }
 }

@@ -10,10 +10,12 @@
 //! - `bgw:{ch}:line` (behind Sentinel only): the replication id of the master that numbered
 //!   the channel's last message; see `scripts.rs`.
 //! - `bgw:{ch}:once:<key>`: an idempotent publish's `<seq>:<epoch>`, for its window.
-//! - `bgw:{ch}:presence`: a sorted set of the sessions subscribed to a presence channel, scored
-//!   by when each expires unless reported again (ms since the epoch); `bgw:{ch}:presence:who`:
-//!   a hash of their records (JSON).
-//! - `bgw:{ch}:msg`: the pub/sub topic, payload `<seq>:<epoch>:<data>`.
+//! - `bgw:{ch}:presence`: a sorted set of the members of a presence channel (each a connection's
+//!   presence id), scored by when each expires unless reported again (ms since the epoch);
+//!   `bgw:{ch}:presence:who`: a hash of their records (JSON).
+//! - `bgw:{ch}:msg`: the pub/sub topic, payload `<seq>:<epoch>:<data>` for a message, and
+//!   `j:<count>:<record>` or `l:<count>:<record>` for a member that joined or left a presence
+//!   channel (`count`: its members after that).
 //! - `bgw:session:{id}`: a hash with `record` (JSON) and `owner` (JSON), expiring after the
 //!   session TTL.
 //! - `bgw:node:{node}`: a node's control topic, for session takeovers.
@@ -33,6 +35,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::{Control, Delivery, Event};
+use crate::presence::Member;
 
 /// The topic of [`Control`]s, which every node subscribes to.
 pub const CONTROL_TOPIC: &str = "bgw:control";
@@ -118,6 +121,9 @@ pub fn parse_push(topic: &[u8], payload: &[u8]) -> Option<Event> {
         });
     }
     let channel = topic.strip_prefix("bgw:{")?.strip_suffix("}:msg")?;
+    if let [kind @ (b'j' | b'l'), b':', rest @ ..] = payload {
+        return parse_presence(channel, *kind == b'j', rest);
+    }
     let mut parts = payload.splitn(3, |b| *b == b':');
     let seq = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
     let epoch = std::str::from_utf8(parts.next()?).ok()?;
@@ -128,6 +134,23 @@ pub fn parse_push(topic: &[u8], payload: &[u8]) -> Option<Event> {
         epoch: epoch.into(),
         data: Bytes::copy_from_slice(data),
     }))
+}
+
+/// A member that joined or left `channel`: `<count>:<record>`.
+fn parse_presence(channel: &str, joined: bool, payload: &[u8]) -> Option<Event> {
+    let (count, record) = payload.split_at(payload.iter().position(|b| *b == b':')?);
+    let count = std::str::from_utf8(count).ok()?.parse().ok()?;
+    let member: Member = serde_json::from_slice(&record[1..]).ok()?;
+    // Only what a client may see: never the session.
+    Some(Event::Presence {
+        joined,
+        presence: shared::frame::Presence {
+            channel: channel.to_owned(),
+            user: member.user,
+            client: member.client,
+            count,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -155,6 +178,26 @@ mod tests {
             ),
             Some(Event::Control(Control::Unsubscribe { .. }))
         ));
+        let record = br#"{"session":"s1","user":"alice","node":"n","client":"c1","since":1}"#;
+        let joined = parse_push(b"bgw:{room}:msg", &[b"j:3:".as_slice(), record].concat());
+        let Some(Event::Presence { joined, presence }) = joined else {
+            panic!()
+        };
+        assert!(joined);
+        assert_eq!(
+            (
+                &*presence.channel,
+                &*presence.user,
+                &*presence.client,
+                presence.count
+            ),
+            ("room", "alice", "c1", 3)
+        );
+        assert!(matches!(
+            parse_push(b"bgw:{room}:msg", &[b"l:0:".as_slice(), record].concat()),
+            Some(Event::Presence { joined: false, .. })
+        ));
+        assert!(parse_push(b"bgw:{room}:msg", b"j:x:{}").is_none());
         assert!(parse_push(b"bgw:control", b"{}").is_none());
         assert!(parse_push(b"bgw:{news}:msg", b"x:ab:1").is_none());
         assert!(parse_push(b"other", b"1:a:1").is_none());

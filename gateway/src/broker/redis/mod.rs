@@ -50,7 +50,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::presence::Member;
+use crate::presence::{Change, Member};
 use crate::shutdown::Tasks;
 
 pub use self::url::redact;
@@ -273,13 +273,13 @@ impl Broker for RedisBroker {
         self.refresh_connections(slots, ttl).await
     }
 
-    async fn report_presence(
+    async fn change_presence(
         &self,
-        members: &[(Arc<str>, Member)],
-        left: &[(Arc<str>, String)],
+        changes: &[Change],
         ttl: Duration,
+        max: usize,
     ) -> Result<(), BrokerError> {
-        self.report_presence(members, left, ttl).await
+        self.change_presence(changes, ttl, max).await
     }
 
     async fn presence(

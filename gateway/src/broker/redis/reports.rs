@@ -4,13 +4,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use indexmap::IndexMap;
 use redis::Value;
 
-use super::keys::{node_channels_keys, presence_keys, NODES_KEY};
+use super::keys::{channel_topic, node_channels_keys, presence_keys, NODES_KEY};
 use super::requests::{millis, now_millis, protocol, to_json, Request};
-use super::{scripts, RedisBroker, SAVE_BATCH};
+use super::{pool, scripts, RedisBroker, SAVE_BATCH};
 use crate::broker::BrokerError;
-use crate::presence::Member;
+use crate::presence::{Change, Member};
+
+/// Presence changes of one channel per script call: a report of a large room takes a few calls,
+/// none of which holds Redis for long.
+const PRESENCE_BATCH: usize = 500;
 
 impl RedisBroker {
     pub(super) async fn report_channels(
@@ -77,40 +82,51 @@ impl RedisBroker {
         Ok(totals.into_iter().collect())
     }
 
-    pub(super) async fn report_presence(
+    pub(super) async fn change_presence(
         &self,
-        members: &[(Arc<str>, Member)],
-        left: &[(Arc<str>, String)],
+        changes: &[Change],
         ttl: Duration,
+        max: usize,
     ) -> Result<(), BrokerError> {
-        let expiry = now_millis() + millis(ttl);
-        let script = |source: &str, channel: &str| {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(source).arg(2);
+        let now = now_millis();
+        // Each channel's changes in their order, in one script call (per chunk): the counts
+        // that decide the bound follow the node's order.
+        let mut by_channel: IndexMap<&str, Vec<&Change>> = IndexMap::new();
+        for change in changes {
+            by_channel.entry(&change.channel).or_default().push(change);
+        }
+        let call = |channel: &str, changes: &[&Change]| {
+            let mut invocation = self.scripts.presence_change.prepare_invoke();
             for key in presence_keys(channel) {
-                cmd.arg(key);
+                invocation.key(key);
             }
-            cmd
+            invocation
+                .arg(now)
+                .arg(now + millis(ttl))
+                .arg(millis(ttl))
+                .arg(max)
+                .arg(channel_topic(channel))
+                .arg(self.publish_command());
+            for change in changes {
+                invocation
+                    .arg(if change.joined { "j" } else { "l" })
+                    .arg(&change.member.client)
+                    .arg(to_json(&change.member)?);
+            }
+            Ok::<_, BrokerError>(invocation)
         };
-        let mut commands = Vec::with_capacity(members.len() + left.len());
-        for (channel, session) in left {
-            let mut cmd = script(scripts::PRESENCE_REMOVE, channel);
-            cmd.arg(session);
-            commands.push(cmd);
-        }
-        for (channel, member) in members {
-            let mut cmd = script(scripts::PRESENCE_ADD, channel);
-            cmd.arg(expiry)
-                .arg(&member.session)
-                .arg(to_json(member)?)
-                .arg(millis(ttl));
-            commands.push(cmd);
-        }
-        // Concurrent, pipelined on the shared connections (and routed per shard on a cluster).
-        for chunk in commands.chunks(SAVE_BATCH) {
-            let calls = chunk
-                .iter()
-                .map(|cmd| self.query_shared::<i64>(Request::Cmd(cmd.clone())));
+        let channels: Vec<(&str, Vec<&Change>)> = by_channel.into_iter().collect();
+        // Channels concurrently, pipelined on the shared connections (and routed per shard on a
+        // cluster).
+        for group in channels.chunks(pool::POOL_SIZE) {
+            let calls = group.iter().map(|(channel, changes)| async move {
+                for chunk in changes.chunks(PRESENCE_BATCH) {
+                    let invocation = call(channel, chunk)?;
+                    self.query_shared::<i64>(Request::Script(invocation))
+                        .await?;
+                }
+                Ok::<_, BrokerError>(())
+            });
             for result in futures_util::future::join_all(calls).await {
                 result?;
             }

@@ -114,24 +114,55 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 ";
 
-/// KEYS: the channel's presence set, its member records. ARGV: expiry (ms since the epoch),
-/// session, record (JSON), TTL (ms).
-pub const PRESENCE_ADD: &str = r"
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+/// KEYS: the channel's presence set, its member records. ARGV[1]: now (ms since the epoch),
+/// ARGV[2]: the expiry of the members added or reported again (ms since the epoch), ARGV[3]:
+/// TTL of the keys (ms), ARGV[4]: `--presence-max-join-leave`, ARGV[5]: the channel's topic,
+/// ARGV[6]: `PUBLISH` or `SPUBLISH`; then, from ARGV[7], the changes in their order, three
+/// arguments each: `j` to add (or report again) a member or `l` to remove one, the member (a
+/// connection's presence id), its record (JSON).
+///
+/// Removes expired members first, then makes the changes. Each member added that was absent, or
+/// removed that was present (expired ones too), is published on the channel's topic as
+/// `j:<count>:<record>` or `l:<count>:<record>`, `count` being the members after it, when
+/// `presence::announced` allows it: a join while count <= max + 1, a leave while count <= max,
+/// none when max is 0.
+pub const PRESENCE_CHANGE: &str = r"
+local max = tonumber(ARGV[4])
+local function announce(kind, record)
+  local count = redis.call('ZCARD', KEYS[1])
+  local limit = max
+  if kind == 'j' then limit = max + 1 end
+  if max > 0 and count <= limit then
+    redis.call(ARGV[6], ARGV[5], kind .. ':' .. count .. ':' .. record)
+  end
+end
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, member in ipairs(gone) do
+  local record = redis.call('HGET', KEYS[2], member)
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('HDEL', KEYS[2], member)
+  if record then announce('l', record) end
+end
+for i = 7, #ARGV, 3 do
+  local member, record = ARGV[i + 1], ARGV[i + 2]
+  if ARGV[i] == 'j' then
+    local added = redis.call('ZADD', KEYS[1], ARGV[2], member)
+    redis.call('HSET', KEYS[2], member, record)
+    if added == 1 then announce('j', record) end
+  else
+    local stored = redis.call('HGET', KEYS[2], member)
+    redis.call('HDEL', KEYS[2], member)
+    if redis.call('ZREM', KEYS[1], member) == 1 then announce('l', stored or record) end
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
 return 1
 ";
 
-/// KEYS: as [`PRESENCE_ADD`]. ARGV: session.
-pub const PRESENCE_REMOVE: &str = r"
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 1
-";
-
-/// KEYS: as [`PRESENCE_ADD`]. ARGV: now (ms since the epoch), limit. Drops expired members
+/// KEYS: as [`PRESENCE_CHANGE`]. ARGV: now (ms since the epoch), limit. Drops expired members
 /// (a dead node's), then returns {count, record, record, ...} with at most `limit` records.
 pub const PRESENCE_READ: &str = r"
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
@@ -153,6 +184,7 @@ pub struct Scripts {
     pub publish: Script,
     pub history: Script,
     pub claim: Script,
+    pub presence_change: Script,
 }
 
 impl Scripts {
@@ -161,6 +193,7 @@ impl Scripts {
             publish: Script::new(&format!("{PRELUDE}{PUBLISH}")),
             history: Script::new(&format!("{PRELUDE}{HISTORY}")),
             claim: Script::new(CLAIM),
+            presence_change: Script::new(PRESENCE_CHANGE),
         }
     }
 }

@@ -157,7 +157,9 @@ impl RedisBroker {
         })?;
         let mut cmd = redis::cmd(self.publish_command());
         cmd.arg(control_topic(&previous.node)).arg(notice);
-        self.query_shared::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+        self.query_shared::<i64>(Request::Cmd(cmd))
+            .await
+            .map(|_| ())
     }
 
     pub(super) async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {

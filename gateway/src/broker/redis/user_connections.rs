@@ -37,7 +37,9 @@ impl RedisBroker {
     ) -> Result<(), BrokerError> {
         let mut cmd = redis::cmd("ZREM");
         cmd.arg(user_connections_key(user)).arg(member);
-        self.query_shared::<i64>(Request::Cmd(cmd)).await.map(|_| ())
+        self.query_shared::<i64>(Request::Cmd(cmd))
+            .await
+            .map(|_| ())
     }
 
     pub(super) async fn refresh_connections(

@@ -12,6 +12,7 @@ use super::super::{close, Connection, Reply};
 use crate::auth::Identity;
 use crate::broker::Owner;
 use crate::ids;
+use crate::presence::OptIns;
 use crate::session::{Cursor, LiveSession};
 
 impl Connection {
@@ -69,6 +70,7 @@ impl Connection {
             None => None,
         };
         let mut prepared = Vec::new();
+        let mut opt_ins = Vec::new();
         let session_id = match &resumed {
             Some(record) => {
                 for (channel, stored) in &record.subscriptions {
@@ -79,12 +81,25 @@ impl Connection {
                     }
                     let since = since.get(channel).unwrap_or(stored);
                     let cursor = Arc::new(Cursor::new(0, Arc::from("")));
+                    // A channel that no longer keeps presence is restored without it.
+                    let presence =
+                        record.presence.contains(channel) && node.presence.covers(channel);
                     match node
                         .hub
-                        .prepare(self.id, &self.transport, &cursor, channel, Some(since))
+                        .prepare(
+                            self.id,
+                            &self.transport,
+                            &cursor,
+                            channel,
+                            Some(since),
+                            presence,
+                        )
                         .await
                     {
                         Ok(p) => {
+                            if presence {
+                                opt_ins.push(p.channel.clone());
+                            }
                             cursor.restart(&p.epoch, p.start());
                             self.positions.insert(p.channel.clone(), cursor);
                             prepared.push(p);
@@ -106,9 +121,10 @@ impl Connection {
             owner,
             positions: self.positions.clone(),
             transport: self.transport.clone(),
+            presence: OptIns::new(opt_ins),
         });
         node.sessions.attach(live.clone());
-        self.session = Some(live);
+        self.session = Some(live.clone());
         self.identity = Some(identity);
         let channels = prepared
             .iter()
@@ -130,7 +146,9 @@ impl Connection {
             channels,
         });
         for p in prepared {
+            let channel = p.channel.clone();
             node.hub.activate(self.id, p);
+            node.presence.joined(&live, &channel);
         }
         Ok(())
     }

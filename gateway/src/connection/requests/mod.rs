@@ -66,8 +66,16 @@ impl Connection {
                 CloseCode::ProtocolViolation,
                 "the first frame must be hello",
             )),
-            (ClientFrame::Subscribe { id, channel, since }, true) => {
-                self.subscribe(id, channel, since).await;
+            (
+                ClientFrame::Subscribe {
+                    id,
+                    channel,
+                    since,
+                    presence,
+                },
+                true,
+            ) => {
+                self.subscribe(id, channel, since, presence).await;
                 Ok(())
             }
             (ClientFrame::Unsubscribe { id, channel }, true) => {

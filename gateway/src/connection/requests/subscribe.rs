@@ -1,4 +1,5 @@
-//! `subscribe`: registers for live messages, replays what the client asked for, then live.
+//! `subscribe`: registers for live messages, replays what the client asked for, then live;
+//! with `presence`, the channel's `join` and `leave` frames too.
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ impl Connection {
         id: Option<Id>,
         channel: String,
         since: Option<Position>,
+        presence: bool,
     ) {
         let node = self.node.clone();
         if self.refuse_invalid_channel(&id, &channel) {
@@ -25,6 +27,13 @@ impl Connection {
                 id,
                 ErrorCode::Forbidden,
                 "not allowed to subscribe to this channel",
+            ));
+        }
+        if presence && !node.presence.covers(&channel) {
+            return self.reply(ServerFrame::error(
+                id,
+                ErrorCode::BadRequest,
+                "presence is off for this channel",
             ));
         }
         if self.positions.contains(&channel) {
@@ -45,7 +54,14 @@ impl Connection {
         let cursor = Arc::new(Cursor::new(0, Arc::from("")));
         match node
             .hub
-            .prepare(self.id, &self.transport, &cursor, &channel, since.as_ref())
+            .prepare(
+                self.id,
+                &self.transport,
+                &cursor,
+                &channel,
+                since.as_ref(),
+                presence,
+            )
             .await
         {
             Ok(prepared) => {
@@ -53,7 +69,14 @@ impl Connection {
                 self.positions.insert(prepared.channel.clone(), cursor);
                 // The reply goes first; the replay follows it once activated.
                 self.reply(prepared.subscribed_frame(id));
+                let channel = prepared.channel.clone();
                 node.hub.activate(self.id, prepared);
+                if let Some(session) = &self.session {
+                    if presence {
+                        session.presence.add(&channel);
+                    }
+                    node.presence.joined(session, &channel);
+                }
                 self.save_soon();
             }
             Err(e) => {

@@ -15,6 +15,10 @@ impl Connection {
             ));
         }
         self.node.hub.remove(self.id, &channel).await;
+        if let Some(session) = &self.session {
+            session.presence.remove(&channel);
+            self.node.presence.left(session, &channel);
+        }
         self.save_soon();
         self.reply(ServerFrame::Unsubscribed { id, channel });
     }
