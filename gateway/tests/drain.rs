@@ -2,14 +2,12 @@
 //! closed with 1001 and resumes on another node with every message exactly once.
 
 mod common;
-mod redis_server;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{channel, position, Client, Gateway, DEADLINE};
-use redis_server::RedisServer;
+use common::{channel, position, Client, Gateway, RedisServer, DEADLINE};
 use shared::ServerFrame;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;

@@ -4,7 +4,6 @@
 //! `deploy/local/down.sh` then stops every process `up.sh` started.
 
 mod common;
-mod redis_server;
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -12,8 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{channel, refusal_status, Admin, Client, DEADLINE};
-use redis_server::{free_port, wait_for};
+use common::{channel, free_port, refusal_status, wait_for, Admin, Client, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;

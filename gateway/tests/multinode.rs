@@ -2,13 +2,11 @@
 //! resume on any node, a node killed with SIGKILL, and Redis going away and coming back.
 
 mod common;
-mod redis_server;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Client, Gateway, Welcome, DEADLINE};
-use redis_server::{wait_for, RedisCluster, RedisServer};
+use common::{wait_for, Client, Gateway, RedisCluster, RedisServer, Welcome, DEADLINE};
 use serde_json::{json, Value};
 use shared::{Position, ServerFrame};
 

@@ -2,7 +2,6 @@
 //! keys, spread, a drained node's clients moving with nothing lost, and no tokens in the log.
 
 mod common;
-mod redis_server;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -10,8 +9,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{channel, http_raw, position, refusal_status, Client, Gateway, DEADLINE};
-use redis_server::{free_port, wait_for, RedisServer};
+use common::{
+    channel, free_port, http_raw, position, refusal_status, wait_for, Client, Gateway, RedisServer,
+    DEADLINE,
+};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::header::{COOKIE, ORIGIN, SET_COOKIE};

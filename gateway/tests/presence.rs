@@ -3,12 +3,10 @@
 //! leaves no ghost. On the embedded broker, one Redis and a Redis Cluster.
 
 mod common;
-mod redis_server;
 
 use std::collections::BTreeSet;
 
-use common::{claims, hs256, Client, Gateway, DEADLINE, SECRET};
-use redis_server::{RedisCluster, RedisServer};
+use common::{claims, hs256, Client, Gateway, RedisCluster, RedisServer, DEADLINE, SECRET};
 use serde_json::Value;
 
 const KEY: &str = "presence-test-key";

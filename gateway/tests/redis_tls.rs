@@ -2,14 +2,12 @@
 //! TLS only, check client certificates, and use certificates made for the test.
 
 mod common;
-mod redis_server;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Gateway, DEADLINE};
-use redis_server::{free_port, Certs, RedisCluster, RedisServer, Sentinels};
+use common::{free_port, Certs, Gateway, RedisCluster, RedisServer, Sentinels, DEADLINE};
 
 async fn wait_ready(node: &Gateway, want: u16) {
     let until = tokio::time::Instant::now() + DEADLINE;

@@ -2,13 +2,11 @@
 //! metrics, admin answers or error messages, whether it came by flag or by environment.
 
 mod common;
-mod redis_server;
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{claims, hs256, publish_body, Admin, Gateway, DEADLINE};
-use redis_server::free_port;
+use common::{claims, free_port, hs256, publish_body, Admin, Gateway, DEADLINE};
 use shared::ServerFrame;
 
 const JWT_SECRET: &str = "jwt-secret-5f1d9c0a77e2";

@@ -2,14 +2,12 @@
 //! failover (`SENTINEL FAILOVER`) while messages are published without pause.
 
 mod common;
-mod redis_server;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Admin, Client, Gateway, DEADLINE};
-use redis_server::{wait_for, Sentinels};
+use common::{wait_for, Admin, Client, Gateway, Sentinels, DEADLINE};
 use serde_json::Value;
 use shared::ServerFrame;
 

@@ -4,12 +4,10 @@
 //! paused (the first attempt timed out, then ran) publishes once.
 
 mod common;
-mod redis_server;
 
 use std::time::Duration;
 
-use common::{Admin, Client, Gateway, DEADLINE};
-use redis_server::{RedisCluster, RedisServer};
+use common::{Admin, Client, Gateway, RedisCluster, RedisServer, DEADLINE};
 use serde_json::{json, Value};
 
 const KEY: &str = "server-api-test-key";

@@ -3,10 +3,8 @@
 //! embedded broker, one Redis and a Redis Cluster.
 
 mod common;
-mod redis_server;
 
-use common::{Client, Gateway, DEADLINE};
-use redis_server::{RedisCluster, RedisServer};
+use common::{Client, Gateway, RedisCluster, RedisServer, DEADLINE};
 use serde_json::Value;
 
 const KEY: &str = "server-channels-test-key";

@@ -4,12 +4,10 @@
 //! (two nodes, the request sent to one of them, the connections on both).
 
 mod common;
-mod redis_server;
 
 use std::collections::BTreeMap;
 
-use common::{claims, hs256, Client, Gateway, SECRET};
-use redis_server::{RedisCluster, RedisServer};
+use common::{claims, hs256, Client, Gateway, RedisCluster, RedisServer, SECRET};
 use serde_json::{json, Value};
 use shared::ServerFrame;
 

@@ -2,14 +2,12 @@
 //! and the start-up errors, each naming what failed and the flag to change.
 
 mod common;
-mod redis_server;
 
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{refusal_status, Gateway, DEADLINE};
-use redis_server::{free_port, RedisServer};
+use common::{free_port, refusal_status, Gateway, RedisServer, DEADLINE};
 use serde_json::Value;
 
 /// The password of the Redis of these tests: it must never show in a log.

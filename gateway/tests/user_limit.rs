@@ -3,10 +3,8 @@
 //! node's slots expire. On the embedded broker, one Redis and a Redis Cluster.
 
 mod common;
-mod redis_server;
 
-use common::{claims, hs256, Client, Gateway, DEADLINE, SECRET};
-use redis_server::{RedisCluster, RedisServer};
+use common::{claims, hs256, Client, Gateway, RedisCluster, RedisServer, DEADLINE, SECRET};
 use tokio_tungstenite::tungstenite::Message;
 
 fn node(url: Option<&str>) -> Gateway {

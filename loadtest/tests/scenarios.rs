@@ -2,14 +2,11 @@
 //! These check the tool and the gateway's guarantees; they never assert a speed.
 
 mod common;
-#[path = "../../gateway/tests/redis_server/mod.rs"]
-mod redis_server;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::gateway_binary;
-use redis_server::{free_port, wait_for, RedisServer};
+use common::{free_port, gateway_binary, wait_for, RedisServer};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(20);

@@ -2,13 +2,14 @@
 //! same port for outage tests), over TLS with certificates made for the test, a 3-master
 //! cluster, and a master with a replica watched by 3 Sentinels. Each listens on loopback, on a
 //! port nobody else holds, in a directory of its own, and is killed by its pid when dropped.
-#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::wait::wait_for;
 
 pub struct RedisServer {
     pub port: u16,
@@ -513,16 +514,4 @@ fn temp_dir(prefix: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).expect("a temp dir");
     dir
-}
-
-/// Polls `ready` until it holds, or panics at the deadline.
-pub fn wait_for(deadline: Duration, mut ready: impl FnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !ready() {
-        assert!(
-            Instant::now() < until,
-            "condition not met within {deadline:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
