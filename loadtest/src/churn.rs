@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
 use futures_util::StreamExt;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use shared::admin::AdminClient;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::admin::Admin;
 use crate::report::{progress, Report};
 use crate::socket::{self, Targets};
 
@@ -83,7 +84,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
 
     let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
     let bar = progress(total, "publishing");
-    let mut admin = Admin::connect(&args.targets.admin[0]).await?;
+    let mut admin = AdminClient::connect(&args.targets.admin[0], None).await?;
     let started = Instant::now();
     let mut publish_errors = 0;
     for k in 0..total {
@@ -91,8 +92,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             (started + Duration::from_secs_f64(k as f64 / args.rate.max(1) as f64)).into(),
         )
         .await;
-        match admin.publish(&channel, &k.to_string()).await {
-            Ok(seq) => published = seq,
+        let data = RawValue::from_string(k.to_string())?;
+        match admin.publish(&channel, &data, None).await {
+            Ok(answer) => published = answer.seq,
             Err(_) => publish_errors += 1,
         }
         bar.inc(1);

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
 use futures_util::StreamExt;
-use serde_json::json;
+use serde_json::{json, Value};
+use shared::admin::AdminClient;
 use tokio::sync::{watch, Semaphore};
 
-use crate::admin::total_stats;
 use crate::report::{progress, Report};
 use crate::socket::{self, Targets};
 
@@ -114,4 +114,16 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .add("rss_after_bytes", rss_after)
         .add("bytes_per_connection", per_connection);
     Ok(report)
+}
+
+/// The summed resident memory and connections of every node (`/v1/stats`).
+async fn total_stats(admins: &[String]) -> anyhow::Result<(u64, u64)> {
+    let (mut rss, mut connections) = (0, 0);
+    for url in admins {
+        let mut admin = AdminClient::connect(url, None).await?;
+        let stats: Value = admin.get_json("/v1/stats").await?;
+        rss += stats["rss_bytes"].as_u64().unwrap_or(0);
+        connections += stats["connections"].as_u64().unwrap_or(0);
+    }
+    Ok((rss, connections))
 }

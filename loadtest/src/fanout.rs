@@ -11,10 +11,11 @@ use clap::Args as ClapArgs;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::json;
+use serde_json::value::RawValue;
+use shared::admin::AdminClient;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::admin::Admin;
 use crate::delivery;
 use crate::report::{percentiles, progress, Report};
 use crate::socket::{self, message_seq_and_time, now_micros, Targets};
@@ -102,7 +103,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut publishers = Vec::new();
     for p in 0..args.publishers.max(1) {
-        let mut admin = Admin::connect(&args.targets.admin[p % args.targets.admin.len()]).await?;
+        let url = &args.targets.admin[p % args.targets.admin.len()];
+        let mut admin = AdminClient::connect(url, None).await?;
         let (bar, pad, channels) = (
             bar.clone(),
             pad.clone(),
@@ -117,8 +119,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
                 let due = started + Duration::from_secs_f64(k as f64 / rate as f64);
                 tokio::time::sleep_until(due.into()).await;
                 let c = (k % channels.len() as u64) as usize;
-                let data = delivery::data(now_micros(), &pad);
-                match admin.publish(&channels[c], &data).await {
+                let data = RawValue::from_string(delivery::data(now_micros(), &pad))
+                    .expect("the data of a delivery is JSON");
+                match admin.publish(&channels[c], &data, None).await {
                     Ok(_) => published[c] += 1,
                     Err(_) => errors += 1,
                 }

@@ -4,6 +4,8 @@
 //! of the contract is a change in one place.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod channel;
 #[cfg(feature = "client")]
 pub mod client;

@@ -1,39 +1,41 @@
-//! A keep-alive HTTP/1.1 client of the admin listener.
+//! The admin listener through `shared`'s admin client, with the deadline and the panics of a
+//! test: every request answers within [`DEADLINE`], or the test fails saying which.
 
 use std::net::SocketAddr;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
+use serde_json::value::RawValue;
 use serde_json::Value;
-use tokio::net::TcpStream;
+pub use shared::admin::Published;
+use shared::admin::{AdminClient, AdminError};
 use tokio::time::timeout;
 
 use super::wait::DEADLINE;
 
 /// A keep-alive HTTP/1.1 connection to the admin listener.
 pub struct Admin {
-    addr: SocketAddr,
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-}
-
-/// The answer to a publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Published {
-    pub seq: u64,
-    pub epoch: String,
+    client: AdminClient,
 }
 
 impl Admin {
     pub async fn connect(addr: SocketAddr) -> Admin {
-        let stream = TcpStream::connect(addr).await.expect("connect to admin");
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("admin HTTP handshake");
-        tokio::spawn(connection);
-        Admin { addr, sender }
+        Self::connect_with(addr, None).await
     }
 
+    /// A connection whose every request carries `key` as its bearer token.
+    pub async fn with_key(addr: SocketAddr, key: &str) -> Admin {
+        Self::connect_with(addr, Some(key)).await
+    }
+
+    async fn connect_with(addr: SocketAddr, key: Option<&str>) -> Admin {
+        let client = within("connecting to the admin listener", async {
+            AdminClient::connect(&format!("http://{addr}"), key).await
+        })
+        .await;
+        Admin { client }
+    }
+
+    /// Any request, with `headers` as they are: the status and the body.
     pub async fn request(
         &mut self,
         method: &str,
@@ -41,34 +43,31 @@ impl Admin {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> (u16, String) {
-        let mut builder = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.addr.to_string());
-        for (name, value) in headers {
-            builder = builder.header(*name, *value);
-        }
-        let request = builder
-            .body(Full::new(Bytes::copy_from_slice(body)))
-            .expect("a valid request");
-        let exchange = async {
-            self.sender.ready().await?;
-            let response = self.sender.send_request(request).await?;
-            let status = response.status().as_u16();
-            let body = response.into_body().collect().await?.to_bytes();
-            Ok::<_, hyper::Error>((status, String::from_utf8_lossy(&body).into_owned()))
-        };
-        timeout(DEADLINE, exchange)
-            .await
-            .unwrap_or_else(|_| panic!("{method} {path} timed out"))
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        let method = Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+        let what = format!("{method} {path}");
+        let request = self.client.request(method, path, headers, body.to_vec());
+        let answer = within(&what, request).await;
+        (answer.status.as_u16(), answer.text())
     }
 
     pub async fn get(&mut self, path: &str) -> (u16, String) {
         self.request("GET", path, &[], b"").await
     }
 
-    /// `POST /v1/publish` with `data` as raw JSON text.
+    /// A call of the server API with a JSON body (none for `null`); the answer, JSON too.
+    pub async fn call(&mut self, method: &str, path: &str, body: &Value) -> (u16, Value) {
+        let body = if body.is_null() {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
+        let (status, answer) = self.request(method, path, &[], &body).await;
+        let answer = serde_json::from_str(&answer)
+            .unwrap_or_else(|e| panic!("{method} {path}: `{answer}` is not JSON: {e}"));
+        (status, answer)
+    }
+
+    /// `POST /v1/publish` with `data` as raw JSON text, sent as it is (valid or not).
     pub async fn publish(&mut self, channel: &str, data: &str) -> (u16, String) {
         let body = publish_body(channel, data);
         self.request(
@@ -80,15 +79,13 @@ impl Admin {
         .await
     }
 
+    /// Publishes `data` (JSON text) and expects `200` for `channel`.
     pub async fn publish_ok(&mut self, channel: &str, data: &str) -> Published {
-        let (status, body) = self.publish(channel, data).await;
-        assert_eq!(status, 200, "publish to {channel}: {body}");
-        let reply: Value = serde_json::from_str(&body).expect("JSON answer");
-        assert_eq!(reply["channel"], channel, "{body}");
-        Published {
-            seq: reply["seq"].as_u64().expect("seq"),
-            epoch: reply["epoch"].as_str().expect("epoch").to_owned(),
-        }
+        let data = RawValue::from_string(data.to_owned()).expect("the data is JSON");
+        let what = format!("publish to {channel}");
+        let published = within(&what, self.client.publish(channel, &data, None)).await;
+        assert_eq!(published.channel, channel);
+        published
     }
 }
 
@@ -98,4 +95,15 @@ pub fn publish_body(channel: &str, data: &str) -> String {
         r#"{{"channel":{},"data":{data}}}"#,
         serde_json::to_string(channel).unwrap()
     )
+}
+
+/// Awaits `request` up to the deadline; panics with `what` when it fails or takes longer.
+async fn within<T>(
+    what: &str,
+    request: impl std::future::Future<Output = Result<T, AdminError>>,
+) -> T {
+    timeout(DEADLINE, request)
+        .await
+        .unwrap_or_else(|_| panic!("{what} timed out"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
 }

@@ -207,6 +207,11 @@ impl Gateway {
         Admin::connect(self.admin_addr).await
     }
 
+    /// A keep-alive connection to the admin listener that sends `key` with every request.
+    pub async fn admin_with_key(&self, key: &str) -> Admin {
+        Admin::with_key(self.admin_addr, key).await
+    }
+
     /// `GET path` on the admin listener, on a connection of its own.
     pub async fn get(&self, path: &str) -> (u16, String) {
         self.admin().await.get(path).await
