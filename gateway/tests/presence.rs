@@ -38,18 +38,10 @@ async fn subscriber(node: &Gateway, user: &str, channel: &str) -> Client {
 }
 
 async fn presence(node: &Gateway, query: &str) -> (u16, Value) {
-    let auth = format!("Bearer {KEY}");
-    let (status, body) = node
-        .admin()
+    node.admin_with_key(KEY)
         .await
-        .request(
-            "GET",
-            &format!("/v1/presence?{query}"),
-            &[("authorization", &auth)],
-            b"",
-        )
-        .await;
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+        .call("GET", &format!("/v1/presence?{query}"), &Value::Null)
+        .await
 }
 
 /// Waits until the channel's members are `want`, as (user, node).

@@ -23,20 +23,10 @@ fn node(url: Option<&str>) -> Gateway {
 
 /// A call of the server API with the key: the status and the JSON answer.
 async fn call(node: &Gateway, method: &str, path: &str, body: Value) -> (u16, Value) {
-    let auth = format!("Bearer {KEY}");
-    let body = if body.is_null() {
-        Vec::new()
-    } else {
-        body.to_string().into_bytes()
-    };
-    let (status, answer) = node
-        .admin()
+    node.admin_with_key(KEY)
         .await
-        .request(method, path, &[("authorization", &auth)], &body)
-        .await;
-    let answer = serde_json::from_str(&answer)
-        .unwrap_or_else(|e| panic!("{method} {path}: `{answer}` is not JSON: {e}"));
-    (status, answer)
+        .call(method, path, &body)
+        .await
 }
 
 async fn history(node: &Gateway, query: &str) -> Value {

@@ -26,19 +26,12 @@ async fn subscriber(node: &Gateway, channel: &str) -> Client {
 
 /// `GET /v1/channels` with `query`: (channel, subscribers) in the order answered.
 async fn channels(node: &Gateway, query: &str) -> Vec<(String, u64)> {
-    let auth = format!("Bearer {KEY}");
-    let (status, body) = node
-        .admin()
+    let (status, answer) = node
+        .admin_with_key(KEY)
         .await
-        .request(
-            "GET",
-            &format!("/v1/channels?{query}"),
-            &[("authorization", &auth)],
-            b"",
-        )
+        .call("GET", &format!("/v1/channels?{query}"), &Value::Null)
         .await;
-    assert_eq!(status, 200, "{body}");
-    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 200, "{answer}");
     answer["channels"]
         .as_array()
         .expect("channels")

@@ -26,18 +26,10 @@ fn token(sub: &str) -> String {
 }
 
 async fn call(node: &Gateway, path: &str, body: Value) -> (u16, Value) {
-    let auth = format!("Bearer {KEY}");
-    let (status, answer) = node
-        .admin()
+    node.admin_with_key(KEY)
         .await
-        .request(
-            "POST",
-            path,
-            &[("authorization", &auth)],
-            body.to_string().as_bytes(),
-        )
-        .await;
-    (status, serde_json::from_str(&answer).unwrap_or(Value::Null))
+        .call("POST", path, &body)
+        .await
 }
 
 async fn call_ok(node: &Gateway, path: &str, body: Value) {
