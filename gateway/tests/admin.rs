@@ -41,6 +41,9 @@ async fn metrics_are_prometheus_text() {
     client.subscribe(&news).await;
     gw.publish_ok(&news, "1").await;
     client.recv_message().await;
+    // A shard counts its deliveries once its run of writes is over, which may be after the
+    // client read the message.
+    gw.wait_metric("bgw_deliveries_total", 1.0).await;
 
     let mut admin = gw.admin().await;
     let (status, metrics) = admin.get("/metrics").await;
