@@ -1,13 +1,14 @@
 //! `connections`: ramp to N idle connections, hold them, and measure the handshake rate and
 //! the gateway's resident memory per connection.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use serde_json::Value;
 use shared::admin::AdminClient;
 use tokio::sync::{watch, Semaphore};
 
@@ -56,11 +57,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         tasks.push(tokio::spawn(async move {
             let opened = async {
                 let mut ws = targets.open(i).await?;
-                socket::hello(&mut ws, json!({"type": "hello"})).await?;
+                socket::hello(&mut ws, None, BTreeMap::new()).await?;
                 if let Some(channel) = subscribe {
-                    socket::send(&mut ws, json!({"type": "subscribe", "channel": channel})).await?;
-                    let subscribed = socket::recv(&mut ws).await?;
-                    anyhow::ensure!(subscribed["type"] == "subscribed", "{subscribed}");
+                    socket::subscribe(&mut ws, &channel).await?;
                 }
                 anyhow::Ok(ws)
             };

@@ -3,6 +3,7 @@
 //! and out-of-order messages, TCP segments per delivery; with `--server-pid`, the servers' CPU
 //! time per delivery.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +11,6 @@ use std::time::{Duration, Instant};
 use clap::Args as ClapArgs;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
-use serde_json::json;
 use serde_json::value::RawValue;
 use shared::admin::AdminClient;
 use tokio::sync::watch;
@@ -79,11 +79,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let mut subscribers = Vec::with_capacity(args.subscribers);
     for i in 0..args.subscribers {
         let mut ws = targets.open(i).await?;
-        socket::hello(&mut ws, json!({"type": "hello"})).await?;
-        socket::send(&mut ws, json!({"type": "subscribe", "channel": channel(i)})).await?;
-        let subscribed = socket::recv(&mut ws).await?;
-        anyhow::ensure!(subscribed["type"] == "subscribed", "{subscribed}");
-        let start = subscribed["seq"].as_u64().unwrap_or(0);
+        socket::hello(&mut ws, None, BTreeMap::new()).await?;
+        let start = socket::subscribe(&mut ws, &channel(i)).await?.seq;
         let segments = tcp_info::data_segments_in(ws.get_ref());
         subscribers.push(tokio::spawn(subscriber(
             ws,
@@ -268,6 +265,8 @@ async fn subscriber(
             Some(Ok(_)) => continue,
             _ => break,
         };
+        // Not a `ServerFrame`: this loop reads every delivery of the run, and the partial read
+        // keeps the client cheaper than the gateway it measures.
         let Some((seq, sent)) = message_seq_and_time(&text) else {
             continue;
         };
