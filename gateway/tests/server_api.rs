@@ -302,22 +302,7 @@ async fn an_idempotent_retry_after_a_redis_pause_publishes_once() {
         let warm = json!({"channel": "warm", "data": n});
         assert_eq!(call(&node, "POST", "/v1/publish", warm).await.0, 200);
     }
-    let info = redis.cli(&["INFO", "server"]).expect("INFO");
-    let pid = info
-        .lines()
-        .find_map(|line| line.strip_prefix("process_id:"))
-        .expect("process_id")
-        .trim()
-        .to_owned();
-    let signal = |name: &str| {
-        let status = std::process::Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {name} {pid}");
-    };
-
-    signal("-STOP");
+    redis.pause();
     let keyed = json!({"channel": once, "data": {"order": 7}, "idempotency_key": "order-7"});
     let plain = json!({"channel": twice, "data": {"order": 7}});
     // Longer than the node's 2 s command timeout.
@@ -325,7 +310,7 @@ async fn an_idempotent_retry_after_a_redis_pause_publishes_once() {
         call(&node, "POST", "/v1/publish", keyed.clone()),
         call(&node, "POST", "/v1/publish", plain.clone()),
     );
-    signal("-CONT");
+    redis.resume();
     assert_eq!(keyed_status.0, 503, "{}", keyed_status.1);
     assert_eq!(plain_status.0, 503, "{}", plain_status.1);
 

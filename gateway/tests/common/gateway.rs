@@ -7,6 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use serde_json::Value;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -287,6 +288,18 @@ pub async fn wait_for_logs(gw: &Gateway, ready: impl Fn(&str) -> bool) -> String
         assert!(Instant::now() < until, "the logs never showed it:\n{logs}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The events of a JSON log (`--log-format json`) whose message starts with `message`.
+pub fn log_events(logs: &str, message: &str) -> Vec<Value> {
+    logs.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| {
+            event["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .collect()
 }
 
 /// The value of `series` in a Prometheus text exposition; 0 when absent.

@@ -128,6 +128,26 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> Option<String> {
         cli(self.port, self.tls.as_deref(), &self.extra, args)
     }
+
+    /// Stops the process (SIGSTOP): it keeps its sockets open but answers nothing, as a stalled
+    /// server would, until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("the server runs").id();
+        let status = Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {name} {pid}");
+    }
 }
 
 /// Runs `redis-cli` against the server on `port`; `None` when it failed. A password among the
