@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{http_raw, refusal_status, Gateway};
+use common::{http_raw, refusal_status, upgrade_request, Gateway};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 fn with_header(
@@ -10,11 +10,7 @@ fn with_header(
     name: &'static str,
     value: &str,
 ) -> tokio_tungstenite::tungstenite::handshake::client::Request {
-    let mut request = gw.request("");
-    request
-        .headers_mut()
-        .insert(name, HeaderValue::from_str(value).unwrap());
-    request
+    upgrade_request(&gw.ws_url(), &[(name, value)])
 }
 
 fn protocol_of(client: &common::Client) -> Option<String> {

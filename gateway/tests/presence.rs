@@ -12,20 +12,19 @@ use serde_json::Value;
 const KEY: &str = "presence-test-key";
 
 fn node(url: Option<&str>) -> Gateway {
-    let mut flags = vec![
-        "--api-key",
-        KEY,
-        "--jwt-secret",
-        SECRET,
-        "--presence",
-        "prs.*",
-        "--node-report-interval",
-        "200ms",
-    ];
-    if let Some(url) = url {
-        flags.extend(["--redis-url", url]);
-    }
-    Gateway::start(&flags)
+    Gateway::start_on(
+        url,
+        &[
+            "--api-key",
+            KEY,
+            "--jwt-secret",
+            SECRET,
+            "--presence",
+            "prs.*",
+            "--node-report-interval",
+            "200ms",
+        ],
+    )
 }
 
 async fn subscriber(node: &Gateway, user: &str, channel: &str) -> Client {

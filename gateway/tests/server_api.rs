@@ -14,11 +14,7 @@ const KEY: &str = "server-api-test-key";
 
 /// A node with the API key, on `url` (or the embedded broker).
 fn node(url: Option<&str>) -> Gateway {
-    let mut flags = vec!["--api-key", KEY];
-    if let Some(url) = url {
-        flags.extend(["--redis-url", url]);
-    }
-    Gateway::start(&flags)
+    Gateway::start_on(url, &["--api-key", KEY])
 }
 
 /// A call of the server API with the key: the status and the JSON answer.
@@ -246,28 +242,22 @@ async fn server_api_on_the_embedded_broker() {
 async fn the_cli_publishes_once_and_reads_history() {
     let node = node(None);
     let channel = common::channel("api.cli");
-    let gateway = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args(args)
-            .arg("--admin-url")
-            .arg(format!("http://{}", node.admin_addr))
-            .env("BGW_API_KEY", KEY)
-            .output()
-            .expect("run gateway");
+    let gateway = async |args: &[&str]| {
+        let out = node.cli(args, Some(KEY)).await;
         assert!(out.status.success(), "{args:?}: {out:?}");
         serde_json::from_slice::<Value>(&out.stdout).expect("a JSON answer")
     };
     for _ in 0..2 {
-        let answer = gateway(&["publish", "--idempotency-key", "k1", &channel, "{\"a\":1}"]);
+        let answer = gateway(&["publish", "--idempotency-key", "k1", &channel, "{\"a\":1}"]).await;
         assert_eq!(answer["seq"], 1);
     }
-    gateway(&["publish", &channel, "2"]);
-    let answer = gateway(&["history", "--since", "1", &channel]);
+    gateway(&["publish", &channel, "2"]).await;
+    let answer = gateway(&["history", "--since", "1", &channel]).await;
     assert_eq!(history_seqs(&answer), [2]);
     assert_eq!(answer["seq"], 2);
-    gateway(&["history", "--remove", &channel]);
+    gateway(&["history", "--remove", &channel]).await;
     assert_eq!(
-        history_seqs(&gateway(&["history", &channel])),
+        history_seqs(&gateway(&["history", &channel]).await),
         Vec::<u64>::new()
     );
 }

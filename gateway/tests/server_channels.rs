@@ -10,11 +10,7 @@ use serde_json::Value;
 const KEY: &str = "server-channels-test-key";
 
 fn node(url: Option<&str>) -> Gateway {
-    let mut flags = vec!["--api-key", KEY, "--node-report-interval", "200ms"];
-    if let Some(url) = url {
-        flags.extend(["--redis-url", url]);
-    }
-    Gateway::start(&flags)
+    Gateway::start_on(url, &["--api-key", KEY, "--node-report-interval", "200ms"])
 }
 
 async fn subscriber(node: &Gateway, channel: &str) -> Client {
@@ -97,13 +93,10 @@ async fn channels_on_the_embedded_broker() {
     let mut client = subscriber(&node, &one).await;
     wait_channels(&node, &format!("pattern={prefix}.*"), &[(one.clone(), 1)]).await;
     // `gateway channels` is a client of the API.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["channels", "--pattern", &format!("{prefix}.*")])
-        .arg("--admin-url")
-        .arg(format!("http://{}", node.admin_addr))
-        .env("BGW_API_KEY", KEY)
-        .output()
-        .expect("run gateway channels");
+    let pattern = format!("{prefix}.*");
+    let out = node
+        .cli(&["channels", "--pattern", &pattern], Some(KEY))
+        .await;
     assert!(out.status.success(), "{out:?}");
     let printed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(printed["channels"][0]["channel"], one.as_str());

@@ -14,11 +14,7 @@ use shared::ServerFrame;
 const KEY: &str = "server-control-test-key";
 
 fn node(url: Option<&str>) -> Gateway {
-    let mut flags = vec!["--api-key", KEY, "--jwt-secret", SECRET];
-    if let Some(url) = url {
-        flags.extend(["--redis-url", url]);
-    }
-    Gateway::start(&flags)
+    Gateway::start_on(url, &["--api-key", KEY, "--jwt-secret", SECRET])
 }
 
 fn token(sub: &str) -> String {
@@ -198,22 +194,15 @@ async fn control_on_the_embedded_broker() {
 async fn gateway_disconnect_closes_a_users_connections() {
     let node = node(None);
     let (mut carol, _) = connect(&node, "carol", &[]).await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["disconnect", "--user", "carol", "--reason", "terminate"])
-        .arg("--admin-url")
-        .arg(format!("http://{}", node.admin_addr))
-        .env("BGW_API_KEY", KEY)
-        .output()
-        .expect("run gateway disconnect");
+    let out = node
+        .cli(
+            &["disconnect", "--user", "carol", "--reason", "terminate"],
+            Some(KEY),
+        )
+        .await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(carol.expect_close().await, (4004, "terminated".to_owned()));
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["disconnect", "--user", "carol"])
-        .arg("--admin-url")
-        .arg(format!("http://{}", node.admin_addr))
-        .env_remove("BGW_API_KEY")
-        .output()
-        .expect("run gateway disconnect");
+    let refused = node.cli(&["disconnect", "--user", "carol"], None).await;
     assert!(!refused.status.success(), "no key: 401, exit 1");
 }
 

@@ -8,18 +8,17 @@ use common::{claims, hs256, Client, Gateway, RedisCluster, RedisServer, DEADLINE
 use tokio_tungstenite::tungstenite::Message;
 
 fn node(url: Option<&str>) -> Gateway {
-    let mut flags = vec![
-        "--jwt-secret",
-        SECRET,
-        "--max-connections-per-user",
-        "2",
-        "--node-report-interval",
-        "200ms",
-    ];
-    if let Some(url) = url {
-        flags.extend(["--redis-url", url]);
-    }
-    Gateway::start(&flags)
+    Gateway::start_on(
+        url,
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--max-connections-per-user",
+            "2",
+            "--node-report-interval",
+            "200ms",
+        ],
+    )
 }
 
 fn token(sub: &str) -> String {

@@ -10,7 +10,9 @@ use shared::frame::{numeric_id, ChannelState};
 use shared::{ClientFrame, Position, ServerFrame};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_tungstenite::tungstenite::handshake::client::Response;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::{Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -320,6 +322,17 @@ pub fn position(seq: u64, epoch: Option<&str>) -> Position {
         seq,
         epoch: epoch.map(str::to_owned),
     }
+}
+
+/// An upgrade request to `url` with `headers` (an `Origin`, a `Cookie`...).
+pub fn upgrade_request(url: &str, headers: &[(&str, &str)]) -> Request {
+    let mut request = url.into_client_request().expect("a valid request");
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_bytes()).expect("a header name");
+        let value = HeaderValue::from_str(value).expect("a header value");
+        request.headers_mut().insert(name, value);
+    }
+    request
 }
 
 /// The HTTP status of a refused upgrade.

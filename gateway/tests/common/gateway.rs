@@ -3,12 +3,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::time::{timeout, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::time::timeout;
 use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
@@ -16,7 +17,7 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 
 use super::admin::{Admin, Published};
 use super::client::{Client, Welcome};
-use super::wait::DEADLINE;
+use super::wait::{wait_until, DEADLINE};
 
 /// The flags that choose the broker of the conformance suite: the embedded broker by default,
 /// Redis when `BGW_TEST_REDIS_URL` is set (`redis://127.0.0.1:6379/0`).
@@ -42,12 +43,7 @@ impl Gateway {
     /// Starts `gateway` with `flags` after the listen addresses, and waits for its `listening`
     /// line. `BGW_` variables of the test's environment are not passed on.
     pub fn start(flags: &[&str]) -> Gateway {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("BGW_") {
-                command.env_remove(name);
-            }
-        }
+        let mut command = gateway_command();
         command
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(flags)
@@ -110,6 +106,15 @@ impl Gateway {
         }
     }
 
+    /// Starts a node on the Redis at `redis_url` (the embedded broker for `None`), with `flags`.
+    pub fn start_on(redis_url: Option<&str>, flags: &[&str]) -> Gateway {
+        let mut all = flags.to_vec();
+        if let Some(url) = redis_url {
+            all.extend(["--redis-url", url]);
+        }
+        Gateway::start(&all)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -150,17 +155,11 @@ impl Gateway {
 
     /// Waits for the process to exit, up to `deadline`.
     pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
-        let until = Instant::now() + deadline;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < until,
-                "the gateway did not exit within {deadline:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(deadline, "the gateway exiting", async || {
+            let status = self.child.try_wait().expect("try_wait");
+            status.ok_or_else(|| "still running".to_owned())
+        })
+        .await
     }
 
     /// Whether the process still runs.
@@ -247,18 +246,40 @@ impl Gateway {
 
     /// Polls `/metrics` until `series` satisfies `check`.
     pub async fn wait_metric_until(&self, series: &str, check: impl Fn(f64) -> bool, what: &str) {
-        let until = Instant::now() + DEADLINE;
-        loop {
+        wait_until(DEADLINE, &format!("{series} {what}"), async || {
             let value = self.metric(series).await;
-            if check(value) {
-                return;
-            }
-            assert!(
-                Instant::now() < until,
-                "{series} is {value}, expected {what} within {DEADLINE:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            check(value).then_some(()).ok_or(format!("{value}"))
+        })
+        .await;
+    }
+
+    /// Polls `/readyz` until it answers `want`.
+    pub async fn wait_ready(&self, want: u16) {
+        let what = format!("/readyz of {} answering {want}", self.node);
+        wait_until(DEADLINE, &what, async || {
+            let (status, body) = self.get("/readyz").await;
+            (status == want)
+                .then_some(())
+                .ok_or(format!("{status} {body}"))
+        })
+        .await;
+    }
+
+    /// Runs a subcommand of the `gateway` binary (`publish`, `history`...) against this node's
+    /// admin listener, with `api_key` in `BGW_API_KEY`.
+    pub async fn cli(&self, args: &[&str], api_key: Option<&str>) -> Output {
+        let url = format!("http://{}", self.admin_addr);
+        let args = [args, &["--admin-url", &url]].concat();
+        let env: Vec<_> = api_key
+            .map(|key| ("BGW_API_KEY", key))
+            .into_iter()
+            .collect();
+        cli(&args, &env, None).await
+    }
+
+    /// Waits until the node has logged `needle`; its logs then.
+    pub async fn wait_log(&self, needle: &str) -> String {
+        wait_for_logs(self, |logs| logs.contains(needle)).await
     }
 }
 
@@ -277,17 +298,52 @@ impl Drop for Gateway {
     }
 }
 
+/// The `gateway` binary, without the `BGW_` variables of the test's own environment: a test
+/// passes those it means.
+pub fn gateway_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("BGW_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// Runs the `gateway` binary with `args`, `env` (and `stdin`, if any) to its end, within the
+/// deadline; what it printed and how it exited.
+pub async fn cli(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
+    let mut command = tokio::process::Command::from(gateway_command());
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().expect("run the gateway binary");
+    let mut input = child.stdin.take().expect("stdin is piped");
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).await.expect("write stdin");
+    }
+    drop(input);
+    timeout(DEADLINE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("gateway {args:?} did not finish"))
+        .expect("wait for the gateway binary")
+}
+
 /// The node's logs once `ready` holds for them, or a panic at the deadline.
 pub async fn wait_for_logs(gw: &Gateway, ready: impl Fn(&str) -> bool) -> String {
-    let until = Instant::now() + DEADLINE;
-    loop {
+    wait_until(DEADLINE, "the logs showing it", async || {
         let logs = gw.logs();
         if ready(&logs) {
-            return logs;
+            Ok(logs)
+        } else {
+            Err("the logs above".to_owned())
         }
-        assert!(Instant::now() < until, "the logs never showed it:\n{logs}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// The events of a JSON log (`--log-format json`) whose message starts with `message`.
