@@ -166,11 +166,7 @@ async fn a_second_signal_exits_at_once() {
     ]);
     let (_client, _) = node.connect_hello().await;
     node.terminate();
-    let until = Instant::now() + DEADLINE;
-    while node.get("/readyz").await.0 != 503 {
-        assert!(Instant::now() < until, "/readyz never failed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    node.wait_ready(503).await;
     node.terminate();
     let status = node.wait_exit(DEADLINE).await;
     assert!(status.success(), "{status:?}");

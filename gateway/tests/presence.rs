@@ -6,7 +6,9 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{claims, hs256, Client, Gateway, RedisCluster, RedisServer, DEADLINE, SECRET};
+use common::{
+    claims, hs256, wait_until, Client, Gateway, RedisCluster, RedisServer, DEADLINE, SECRET,
+};
 use serde_json::Value;
 
 const KEY: &str = "presence-test-key";
@@ -49,8 +51,8 @@ async fn wait_members(node: &Gateway, channel: &str, want: &[(&str, &str)]) -> V
         .iter()
         .map(|(u, n)| (u.to_string(), n.to_string()))
         .collect();
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
+    let what = format!("presence of {channel} {want:?}");
+    wait_until(DEADLINE, &what, async || {
         let (status, answer) = presence(node, &format!("channel={channel}")).await;
         assert_eq!(status, 200, "{answer}");
         let got: BTreeSet<(String, String)> = answer["members"]
@@ -65,14 +67,12 @@ async fn wait_members(node: &Gateway, channel: &str, want: &[(&str, &str)]) -> V
             })
             .collect();
         if got == want && answer["count"] == want.len() {
-            return answer;
+            Ok(answer)
+        } else {
+            Err(answer.to_string())
         }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "presence of {channel}: {answer}, want {want:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// alice on `a`, bob on `b`; alice leaves; then `b` dies (SIGKILL), leaving no ghost.

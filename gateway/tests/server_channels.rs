@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Client, Gateway, RedisCluster, RedisServer, DEADLINE};
+use common::{wait_until, Client, Gateway, RedisCluster, RedisServer, DEADLINE};
 use serde_json::Value;
 
 const KEY: &str = "server-channels-test-key";
@@ -43,18 +43,15 @@ async fn channels(node: &Gateway, query: &str) -> Vec<(String, u64)> {
 
 /// Waits until the list for `query` is `want`.
 async fn wait_channels(node: &Gateway, query: &str, want: &[(String, u64)]) {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let got = channels(node, query).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "channels?{query}: {got:?}, want {want:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_until(
+        DEADLINE,
+        &format!("channels?{query} {want:?}"),
+        async || {
+            let got = channels(node, query).await;
+            (got == want).then_some(()).ok_or(format!("{got:?}"))
+        },
+    )
+    .await;
 }
 
 /// Subscribers on two nodes, counted together; `b` is then killed (SIGKILL), and its counts
