@@ -340,7 +340,7 @@ pub async fn wait_for_logs(gw: &Gateway, ready: impl Fn(&str) -> bool) -> String
         if ready(&logs) {
             Ok(logs)
         } else {
-            Err("the logs above".to_owned())
+            Err("see the node's logs, printed with the failure".to_owned())
         }
     })
     .await
