@@ -255,7 +255,9 @@ impl ShardState {
                     return;
                 };
                 let held = subscriber.held.take().unwrap_or_default();
-                subscriber.transport.send(&replay, false);
+                if subscriber.transport.send(&replay, false) {
+                    self.metrics.frames_out.inc_by(replay.len() as u64);
+                }
                 subscriber.after = start;
                 let live: Vec<Bytes> = held
                     .into_iter()
@@ -265,8 +267,10 @@ impl ShardState {
                         frame
                     })
                     .collect();
-                if !live.is_empty() {
-                    subscriber.transport.send(&live, true);
+                // The live messages it held are deliveries like any other; the replay is not.
+                if !live.is_empty() && subscriber.transport.send(&live, true) {
+                    self.metrics.deliveries.inc_by(live.len() as u64);
+                    self.metrics.frames_out.inc_by(live.len() as u64);
                 }
                 subscriber.cursor.advance(subscriber.after);
                 self.metrics.subscriptions.inc();

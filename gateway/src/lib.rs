@@ -12,7 +12,6 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod admin_client;
 pub mod auth;
 pub mod broker;
 pub mod channels;

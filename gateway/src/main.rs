@@ -2,9 +2,10 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use gateway::admin_client;
-use gateway::config::{Cli, Command, Config, LogFormat};
-use hyper::{Method, StatusCode};
+use gateway::config::{AdminArgs, Cli, Command, Config, LogFormat, Secret};
+use hyper::StatusCode;
+use serde_json::value::RawValue;
+use shared::admin::{AdminClient, Answer, PublishRequest};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -57,48 +58,34 @@ async fn publish(args: gateway::config::PublishArgs) -> anyhow::Result<ExitCode>
         Some(data) => data,
         None => std::io::read_to_string(std::io::stdin())?,
     };
-    let data: Box<serde_json::value::RawValue> = serde_json::from_str(data.trim())
-        .map_err(|e| anyhow::anyhow!("the message is not JSON: {e}"))?;
     // `data` goes in as given: through a `serde_json::Value` its keys would be sorted and its
     // spacing dropped, and subscribers get the bytes that were published.
-    let key = match &args.idempotency_key {
-        Some(key) => format!(r#","idempotency_key":{}"#, serde_json::to_string(key)?),
-        None => String::new(),
-    };
-    let body = format!(
-        r#"{{"channel":{},"data":{}{key}}}"#,
-        serde_json::to_string(&args.channel)?,
-        data.get()
-    );
-    let key = args.api_key.as_ref().map(|k| k.expose());
-    let (status, body) = admin_client::request(
-        &args.admin_url,
-        Method::POST,
-        "/v1/publish",
-        Some(body),
-        key,
-    )
-    .await?;
-    Ok(printed(status, &body))
+    let data: Box<RawValue> = serde_json::from_str(data.trim())
+        .map_err(|e| anyhow::anyhow!("the message is not JSON: {e}"))?;
+    let body = serde_json::to_vec(&PublishRequest {
+        channel: &args.channel,
+        data: &data,
+        idempotency_key: args.idempotency_key.as_deref(),
+    })?;
+    let mut admin = connect(&args.admin_url, args.api_key.as_ref()).await?;
+    printed(admin.post("/v1/publish", body).await?)
 }
 
 async fn history(args: gateway::config::HistoryArgs) -> anyhow::Result<ExitCode> {
     let channel: String = form_urlencoded::byte_serialize(args.channel.as_bytes()).collect();
-    let (method, path) = if args.remove {
-        (Method::DELETE, format!("/v1/history?channel={channel}"))
+    let mut admin = connect_to(&args.admin).await?;
+    let answer = if args.remove {
+        admin
+            .delete(&format!("/v1/history?channel={channel}"))
+            .await?
     } else {
-        (
-            Method::GET,
-            format!(
-                "/v1/history?channel={channel}&since={}&limit={}",
-                args.since, args.limit
-            ),
-        )
+        let path = format!(
+            "/v1/history?channel={channel}&since={}&limit={}",
+            args.since, args.limit
+        );
+        admin.get(&path).await?
     };
-    let key = args.admin.api_key.as_ref().map(|k| k.expose());
-    let (status, body) =
-        admin_client::request(&args.admin.admin_url, method, &path, None, key).await?;
-    Ok(printed(status, &body))
+    printed(answer)
 }
 
 async fn disconnect(args: gateway::config::DisconnectArgs) -> anyhow::Result<ExitCode> {
@@ -112,16 +99,8 @@ async fn disconnect(args: gateway::config::DisconnectArgs) -> anyhow::Result<Exi
     if let Some(object) = body.as_object_mut() {
         object.retain(|_, value| !value.is_null());
     }
-    let key = args.admin.api_key.as_ref().map(|k| k.expose());
-    let (status, answer) = admin_client::request(
-        &args.admin.admin_url,
-        Method::POST,
-        "/v1/disconnect",
-        Some(body.to_string()),
-        key,
-    )
-    .await?;
-    Ok(printed(status, &answer))
+    let mut admin = connect_to(&args.admin).await?;
+    printed(admin.post("/v1/disconnect", body.to_string()).await?)
 }
 
 async fn channels(args: gateway::config::ChannelsArgs) -> anyhow::Result<ExitCode> {
@@ -130,10 +109,7 @@ async fn channels(args: gateway::config::ChannelsArgs) -> anyhow::Result<ExitCod
         let pattern: String = form_urlencoded::byte_serialize(pattern.as_bytes()).collect();
         path.push_str(&format!("&pattern={pattern}"));
     }
-    let key = args.admin.api_key.as_ref().map(|k| k.expose());
-    let (status, body) =
-        admin_client::request(&args.admin.admin_url, Method::GET, &path, None, key).await?;
-    Ok(printed(status, &body))
+    printed(connect_to(&args.admin).await?.get(&path).await?)
 }
 
 async fn presence(args: gateway::config::PresenceArgs) -> anyhow::Result<ExitCode> {
@@ -142,27 +118,25 @@ async fn presence(args: gateway::config::PresenceArgs) -> anyhow::Result<ExitCod
     if let Some(limit) = args.limit {
         path.push_str(&format!("&limit={limit}"));
     }
-    let key = args.admin.api_key.as_ref().map(|k| k.expose());
-    let (status, body) =
-        admin_client::request(&args.admin.admin_url, Method::GET, &path, None, key).await?;
-    Ok(printed(status, &body))
-}
-
-/// Prints an answer of the admin API; success when it is 200.
-fn printed(status: StatusCode, body: &str) -> ExitCode {
-    println!("{body}");
-    if status == StatusCode::OK {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    printed(connect_to(&args.admin).await?.get(&path).await?)
 }
 
 async fn health(admin_url: &str) -> anyhow::Result<ExitCode> {
-    let (status, body) =
-        admin_client::request(admin_url, Method::GET, "/readyz", None, None).await?;
-    println!("{body}");
-    Ok(if status == StatusCode::OK {
+    printed(connect(admin_url, None).await?.get("/readyz").await?)
+}
+
+async fn connect(url: &str, api_key: Option<&Secret>) -> anyhow::Result<AdminClient> {
+    Ok(AdminClient::connect(url, api_key.map(Secret::expose)).await?)
+}
+
+async fn connect_to(admin: &AdminArgs) -> anyhow::Result<AdminClient> {
+    connect(&admin.admin_url, admin.api_key.as_ref()).await
+}
+
+/// Prints an answer of the admin API; success when it is 200.
+fn printed(answer: Answer) -> anyhow::Result<ExitCode> {
+    println!("{}", answer.text());
+    Ok(if answer.status == StatusCode::OK {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

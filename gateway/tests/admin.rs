@@ -5,10 +5,8 @@ mod common;
 
 use std::process::Output;
 
-use common::{channel, metric_value, publish_body, Gateway, DEADLINE};
+use common::{channel, cli, metric_value, publish_body, Gateway};
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
@@ -41,6 +39,9 @@ async fn metrics_are_prometheus_text() {
     client.subscribe(&news).await;
     gw.publish_ok(&news, "1").await;
     client.recv_message().await;
+    // A shard counts its deliveries once its run of writes is over, which may be after the
+    // client read the message.
+    gw.wait_metric("bgw_deliveries_total", 1.0).await;
 
     let mut admin = gw.admin().await;
     let (status, metrics) = admin.get("/metrics").await;
@@ -285,33 +286,6 @@ async fn unknown_paths_404_and_wrong_methods_405() {
         let (status, _) = admin.request(method, path, &[], b"").await;
         assert_eq!(status, 405, "{method} {path}");
     }
-}
-
-/// Runs the gateway binary with `args` (and `stdin`, if any), with a deadline.
-async fn cli(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("BGW_") {
-            command.env_remove(name);
-        }
-    }
-    command
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = command.spawn().expect("run the gateway binary");
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).await.unwrap();
-    }
-    drop(input);
-    tokio::time::timeout(DEADLINE, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("gateway {args:?} did not finish"))
-        .expect("wait for the gateway binary")
 }
 
 fn stdout(output: &Output) -> String {

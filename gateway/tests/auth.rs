@@ -29,6 +29,17 @@ async fn expect_refused(client: &mut Client, what: &str) {
     }
 }
 
+/// A `hello` with each token (or none) of `cases` is closed with 4001.
+async fn refused_tokens(gw: &Gateway, cases: Vec<(&str, Option<String>)>) {
+    for (what, token) in cases {
+        let mut client = gw.connect().await;
+        client
+            .send_hello(token.as_deref(), None, Default::default())
+            .await;
+        expect_refused(&mut client, what).await;
+    }
+}
+
 /// Whether the connection's identity may subscribe to `channel`: `subscribed`, or error 403.
 async fn may_subscribe(client: &mut Client, channel: &str) -> bool {
     client
@@ -128,7 +139,7 @@ async fn bad_tokens_close_4001() {
     let mut expired = valid.clone();
     expired["exp"] = json!(now() - 60);
     let no_sub = json!({"exp": now() + 3600, "channels": ["*"]});
-    let cases = [
+    let cases = vec![
         ("no token", None),
         ("garbage", Some("garbage".to_owned())),
         ("bad signature", Some(hs256(&valid, "another-secret"))),
@@ -138,13 +149,7 @@ async fn bad_tokens_close_4001() {
         ("RS256 where HS256 is configured", Some(rs256(&valid))),
         ("ES256 where HS256 is configured", Some(es256(&valid))),
     ];
-    for (what, token) in cases {
-        let mut client = gw.connect().await;
-        client
-            .send_hello(token.as_deref(), None, Default::default())
-            .await;
-        expect_refused(&mut client, what).await;
-    }
+    refused_tokens(&gw, cases).await;
     gw.wait_metric(r#"bgw_closes_total{code="4001"}"#, 8.0)
         .await;
 }
@@ -162,18 +167,16 @@ async fn an_rs256_public_key() {
     let pem = std::fs::read_to_string(&rsa).unwrap();
     let mut expired = valid.clone();
     expired["exp"] = json!(now() - 60);
-    for (what, token) in [
-        ("HS256 signed with the public key", hs256(&valid, &pem)),
-        ("ES256", es256(&valid)),
-        ("alg none", unsigned(&valid)),
-        ("expired", rs256(&expired)),
-    ] {
-        let mut client = gw.connect().await;
-        client
-            .send_hello(Some(&token), None, Default::default())
-            .await;
-        expect_refused(&mut client, what).await;
-    }
+    let cases = vec![
+        (
+            "HS256 signed with the public key",
+            Some(hs256(&valid, &pem)),
+        ),
+        ("ES256", Some(es256(&valid))),
+        ("alg none", Some(unsigned(&valid))),
+        ("expired", Some(rs256(&expired))),
+    ];
+    refused_tokens(&gw, cases).await;
 }
 
 #[tokio::test]
@@ -186,17 +189,15 @@ async fn an_es256_public_key() {
     assert!(may_subscribe(&mut client, "news").await);
 
     let pem = std::fs::read_to_string(&ec).unwrap();
-    for (what, token) in [
-        ("HS256 signed with the public key", hs256(&valid, &pem)),
-        ("RS256", rs256(&valid)),
-        ("alg none", unsigned(&valid)),
-    ] {
-        let mut client = gw.connect().await;
-        client
-            .send_hello(Some(&token), None, Default::default())
-            .await;
-        expect_refused(&mut client, what).await;
-    }
+    let cases = vec![
+        (
+            "HS256 signed with the public key",
+            Some(hs256(&valid, &pem)),
+        ),
+        ("RS256", Some(rs256(&valid))),
+        ("alg none", Some(unsigned(&valid))),
+    ];
+    refused_tokens(&gw, cases).await;
 }
 
 #[tokio::test]

@@ -2,12 +2,10 @@
 //! goes away, and the application sees every message once, in order.
 
 mod common;
-mod redis_server;
 
 use std::time::Duration;
 
-use common::{channel, Gateway, DEADLINE};
-use redis_server::{free_port, RedisServer};
+use common::{channel, free_port, Gateway, RedisServer, DEADLINE};
 use shared::client::{Client, ClientConfig, Event};
 use tokio::sync::mpsc::Receiver;
 

@@ -14,13 +14,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{channel, position, Admin, Client, DEADLINE};
+use common::{channel, position, upgrade_request, Admin, Client, DEADLINE};
 use shared::ServerFrame;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
-use tokio_tungstenite::tungstenite::http::header::ORIGIN;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Messages published in all, at [`RATE`] a second: long enough to outlast the node's drain
@@ -57,13 +54,8 @@ impl Stack {
     }
 
     fn request(&self, key: &str, origin: &str) -> Request {
-        let mut request = format!("ws://{}/ws?key={key}", self.client)
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert(ORIGIN, HeaderValue::from_str(origin).unwrap());
-        request
+        let url = format!("ws://{}/ws?key={key}", self.client);
+        upgrade_request(&url, &[("origin", origin)])
     }
 
     async fn try_connect(&self, key: &str, origin: &str) -> Result<Client, String> {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{http_raw, refusal_status, Gateway};
+use common::{http_raw, refusal_status, upgrade_request, wait_for_logs, Gateway};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 fn with_header(
@@ -10,11 +10,7 @@ fn with_header(
     name: &'static str,
     value: &str,
 ) -> tokio_tungstenite::tungstenite::handshake::client::Request {
-    let mut request = gw.request("");
-    request
-        .headers_mut()
-        .insert(name, HeaderValue::from_str(value).unwrap());
-    request
+    upgrade_request(&gw.ws_url(), &[(name, value)])
 }
 
 fn protocol_of(client: &common::Client) -> Option<String> {
@@ -205,22 +201,9 @@ fn raw_upgrade(gw: &Gateway, version: &str) -> String {
 
 /// Waits for a log line of `gw` that has every one of `parts`, and returns it.
 async fn log_line(gw: &Gateway, parts: &[&str]) -> String {
-    let until = tokio::time::Instant::now() + common::DEADLINE;
-    loop {
-        if let Some(line) = gw
-            .logs()
-            .lines()
-            .find(|line| parts.iter().all(|part| line.contains(part)))
-        {
-            return line.to_owned();
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "no log line with {parts:?} in:\n{}",
-            gw.logs()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let has_all = |line: &&str| parts.iter().all(|part| line.contains(part));
+    let logs = wait_for_logs(gw, |logs| logs.lines().any(|line| has_all(&line))).await;
+    logs.lines().find(has_all).unwrap().to_owned()
 }
 
 #[tokio::test]

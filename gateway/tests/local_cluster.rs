@@ -4,7 +4,6 @@
 //! `deploy/local/down.sh` then stops every process `up.sh` started.
 
 mod common;
-mod redis_server;
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -12,13 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{channel, refusal_status, Admin, Client, DEADLINE};
-use redis_server::{free_port, wait_for};
+use common::{
+    channel, free_port, refusal_status, upgrade_request, wait_for, Admin, Client, DEADLINE,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::header::ORIGIN;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 const NODES: u16 = 3;
 
@@ -298,13 +295,10 @@ async fn up_sh_starts_a_cluster_that_delivers_and_down_sh_stops_all_of_it() {
     let page = http_get(ports.client, "/").await;
     assert!(page.starts_with("HTTP/1.1 200"), "the demo page: {page}");
     let browser = |origin: &str| {
-        let mut request = format!("{client_url}?key=local-cluster")
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert(ORIGIN, HeaderValue::from_str(origin).unwrap());
-        request
+        upgrade_request(
+            &format!("{client_url}?key=local-cluster"),
+            &[("origin", origin)],
+        )
     };
     let (ws, response) =
         tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(browser(&origin)))

@@ -5,23 +5,10 @@
 
 mod common;
 
-use common::{channel, claims, hs256, Gateway};
-use serde_json::Value;
+use common::{channel, claims, hs256, log_events, Gateway};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const SECRET: &str = "log-test-secret-4be0c1d9";
-
-/// The log lines whose message is `message`, as JSON objects.
-fn events(logs: &str, message: &str) -> Vec<Value> {
-    logs.lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|event| {
-            event["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with(message))
-        })
-        .collect()
-}
 
 #[tokio::test]
 async fn the_json_log_tells_connections_refusals_and_configuration_apart_and_keeps_secrets() {
@@ -48,17 +35,17 @@ async fn the_json_log_tells_connections_refusals_and_configuration_apart_and_kee
     assert!(gw.try_connect(refused).await.is_err());
 
     let logs = common::wait_for_logs(&gw, |logs| {
-        !events(logs, "connection closed").is_empty()
-            && !events(logs, "handshake refused").is_empty()
+        !log_events(logs, "connection closed").is_empty()
+            && !log_events(logs, "handshake refused").is_empty()
     })
     .await;
 
-    let config = &events(&logs, "configuration")[0]["fields"];
+    let config = &log_events(&logs, "configuration")[0]["fields"];
     assert_eq!(config["jwt_secret_set"], true);
     assert!(config["listen"].is_string() && config["max_connections"].is_number());
 
-    assert!(!events(&logs, "connection opened").is_empty());
-    let closed = &events(&logs, "connection closed")[0]["fields"];
+    assert!(!log_events(&logs, "connection opened").is_empty());
+    let closed = &log_events(&logs, "connection closed")[0]["fields"];
     assert_eq!(closed["closed_by"], "client", "{closed}");
     // The harness closes without a code: 1005, "no status received".
     assert_eq!(closed["code"], 1005, "{closed}");
@@ -66,7 +53,7 @@ async fn the_json_log_tells_connections_refusals_and_configuration_apart_and_kee
     assert_eq!(closed["client"], "127.0.0.1", "{closed}");
     assert!(closed["lived_ms"].is_number(), "{closed}");
 
-    let refusal = &events(&logs, "handshake refused")[0]["fields"];
+    let refusal = &log_events(&logs, "handshake refused")[0]["fields"];
     assert_eq!(refusal["reason"], "origin", "{refusal}");
     assert_eq!(refusal["status"], 403, "{refusal}");
 

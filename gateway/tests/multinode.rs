@@ -2,13 +2,10 @@
 //! resume on any node, a node killed with SIGKILL, and Redis going away and coming back.
 
 mod common;
-mod redis_server;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use common::{Client, Gateway, Welcome, DEADLINE};
-use redis_server::{wait_for, RedisCluster, RedisServer};
+use common::{wait_for, Client, Gateway, RedisCluster, RedisServer, Welcome, DEADLINE};
 use serde_json::{json, Value};
 use shared::{Position, ServerFrame};
 
@@ -48,17 +45,6 @@ async fn messages(client: &mut Client, count: usize) -> Vec<(u64, Value)> {
 
 fn seqs(messages: &[(u64, Value)]) -> Vec<u64> {
     messages.iter().map(|(seq, _)| *seq).collect()
-}
-
-async fn wait_ready(node: &Gateway, want: u16) {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    while node.get("/readyz").await.0 != want {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "/readyz never answered {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// 3 nodes, 30 clients over them, 300 messages published through different nodes: every
@@ -302,13 +288,13 @@ async fn a_redis_outage_is_survived_without_reconnecting() {
     assert_eq!(seqs(&messages(&mut client, 1).await), [1]);
 
     redis.kill();
-    wait_ready(&a, 503).await;
-    wait_ready(&b, 503).await;
+    a.wait_ready(503).await;
+    b.wait_ready(503).await;
     assert_eq!(publish(&b, "o", json!("lost")).await.0, 503);
 
     redis.restart();
-    wait_ready(&a, 200).await;
-    wait_ready(&b, 200).await;
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
     let (status, reply) = publish(&b, "o", json!(2)).await;
     assert_eq!(
         (status, reply["seq"].as_u64()),

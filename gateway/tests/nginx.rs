@@ -2,7 +2,6 @@
 //! keys, spread, a drained node's clients moving with nothing lost, and no tokens in the log.
 
 mod common;
-mod redis_server;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -10,11 +9,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{channel, http_raw, position, refusal_status, Client, Gateway, DEADLINE};
-use redis_server::{free_port, wait_for, RedisServer};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use common::{
+    channel, free_port, http_raw, position, refusal_status, upgrade_request, wait_for, Client,
+    Gateway, RedisServer, DEADLINE,
+};
 use tokio_tungstenite::tungstenite::handshake::client::Request;
-use tokio_tungstenite::tungstenite::http::header::{COOKIE, ORIGIN, SET_COOKIE};
+use tokio_tungstenite::tungstenite::http::header::SET_COOKIE;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -80,13 +80,8 @@ impl Nginx {
     /// An upgrade request to `/ws?key=KEY` through nginx, as a browser on nginx's own origin
     /// sends it: `Host` and `Origin` with the port.
     fn browser_request(&self, key: &str, origin: &str) -> Request {
-        let mut request = format!("ws://{}/ws?key={key}", self.addr)
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert(ORIGIN, HeaderValue::from_str(origin).unwrap());
-        request
+        let url = format!("ws://{}/ws?key={key}", self.addr);
+        upgrade_request(&url, &[("origin", origin)])
     }
 
     fn own_origin(&self) -> String {
@@ -98,9 +93,7 @@ impl Nginx {
     }
 
     async fn connect(&self, query: &str) -> Client {
-        let request = format!("ws://{}/ws?{query}", self.addr)
-            .into_client_request()
-            .unwrap();
+        let request = upgrade_request(&format!("ws://{}/ws?{query}", self.addr), &[]);
         self.connect_request(request).await
     }
 
@@ -182,10 +175,8 @@ async fn a_first_connection_gets_a_cookie_that_brings_it_back() {
     let redis = RedisServer::start(false);
     let nodes = nodes(&redis, &[]);
     let nginx = Nginx::start(&nodes.iter().collect::<Vec<_>>());
-    let request = format!("ws://{}/ws", nginx.addr)
-        .into_client_request()
-        .unwrap();
-    let mut first = nginx.connect_request(request).await;
+    let url = format!("ws://{}/ws", nginx.addr);
+    let mut first = nginx.connect_request(upgrade_request(&url, &[])).await;
     let cookie = first
         .response
         .headers()
@@ -199,10 +190,7 @@ async fn a_first_connection_gets_a_cookie_that_brings_it_back() {
     let node = first.hello().await.node;
     first.close().await;
     for _ in 0..3 {
-        let mut request = format!("ws://{}/ws", nginx.addr)
-            .into_client_request()
-            .unwrap();
-        request.headers_mut().insert(COOKIE, pair.parse().unwrap());
+        let request = upgrade_request(&url, &[("cookie", &pair)]);
         let mut again = nginx.connect_request(request).await;
         assert!(
             again.response.headers().get(SET_COOKIE).is_none(),

@@ -8,12 +8,12 @@
 //! expiring), never with a session id, and not above `--presence-max-join-leave`.
 
 mod common;
-mod redis_server;
 
 use std::collections::BTreeSet;
 
-use common::{claims, hs256, Client, Gateway, DEADLINE, SECRET};
-use redis_server::{RedisCluster, RedisServer};
+use common::{
+    claims, hs256, wait_until, Client, Gateway, RedisCluster, RedisServer, DEADLINE, SECRET,
+};
 use serde_json::{json, Value};
 use shared::ServerFrame;
 
@@ -57,18 +57,10 @@ async fn subscriber(node: &Gateway, user: &str, channel: &str) -> Client {
 }
 
 async fn presence(node: &Gateway, query: &str) -> (u16, Value) {
-    let auth = format!("Bearer {KEY}");
-    let (status, body) = node
-        .admin()
+    node.admin_with_key(KEY)
         .await
-        .request(
-            "GET",
-            &format!("/v1/presence?{query}"),
-            &[("authorization", &auth)],
-            b"",
-        )
-        .await;
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+        .call("GET", &format!("/v1/presence?{query}"), &Value::Null)
+        .await
 }
 
 /// Waits until the channel's members are `want`, as (user, node).
@@ -77,8 +69,8 @@ async fn wait_members(node: &Gateway, channel: &str, want: &[(&str, &str)]) -> V
         .iter()
         .map(|(u, n)| (u.to_string(), n.to_string()))
         .collect();
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
+    let what = format!("presence of {channel} {want:?}");
+    wait_until(DEADLINE, &what, async || {
         let (status, answer) = presence(node, &format!("channel={channel}")).await;
         assert_eq!(status, 200, "{answer}");
         let got: BTreeSet<(String, String)> = answer["members"]
@@ -93,14 +85,12 @@ async fn wait_members(node: &Gateway, channel: &str, want: &[(&str, &str)]) -> V
             })
             .collect();
         if got == want && answer["count"] == want.len() {
-            return answer;
+            Ok(answer)
+        } else {
+            Err(answer.to_string())
         }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "presence of {channel}: {answer}, want {want:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// alice on `a`, bob on `b`; alice leaves; then `b` dies (SIGKILL), leaving no ghost.

@@ -2,25 +2,11 @@
 //! TLS only, check client certificates, and use certificates made for the test.
 
 mod common;
-mod redis_server;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{Gateway, DEADLINE};
-use redis_server::{free_port, Certs, RedisCluster, RedisServer, Sentinels};
-
-async fn wait_ready(node: &Gateway, want: u16) {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    while node.get("/readyz").await.0 != want {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "/readyz never answered {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use common::{free_port, Certs, Gateway, RedisCluster, RedisServer, Sentinels};
 
 fn node(url: &str, certs: &Certs, id: &str) -> Gateway {
     let mut flags = vec!["--redis-url".to_owned(), url.to_owned()];
@@ -35,8 +21,8 @@ fn node(url: &str, certs: &Certs, id: &str) -> Gateway {
 async fn two_nodes_over_tls(url: &str, certs: &Arc<Certs>) {
     let a = node(url, certs, "tls-a");
     let b = node(url, certs, "tls-b");
-    wait_ready(&a, 200).await;
-    wait_ready(&b, 200).await;
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
     let (mut client, welcome) = a.connect_hello().await;
     client.subscribe("secure").await;
     for n in 1..=20 {
@@ -90,11 +76,7 @@ async fn an_untrusted_server_or_a_missing_client_certificate_is_refused() {
     let ca = certs.path("ca.crt").display().to_string();
     let anonymous = Gateway::start(&["--redis-url", &redis.url(), "--redis-ca-file", &ca]);
     for node in [&untrusted, &anonymous] {
-        let until = tokio::time::Instant::now() + DEADLINE;
-        while !node.logs().contains("cannot connect") {
-            assert!(tokio::time::Instant::now() < until, "{}", node.logs());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        node.wait_log("cannot connect").await;
         assert!(node.logs().contains(&redis.url()), "{}", node.logs());
         assert_eq!(node.get("/readyz").await.0, 503);
     }

@@ -2,13 +2,11 @@
 //! metrics, admin answers or error messages, whether it came by flag or by environment.
 
 mod common;
-mod redis_server;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{claims, hs256, publish_body, Admin, Gateway, DEADLINE};
-use redis_server::free_port;
+use common::{claims, free_port, gateway_command, hs256, publish_body, Admin, Gateway, DEADLINE};
 use shared::ServerFrame;
 
 const JWT_SECRET: &str = "jwt-secret-5f1d9c0a77e2";
@@ -19,12 +17,7 @@ const WRONG_KEY: &str = "wrong-key-70d2e6b1c4";
 /// Runs the binary to its end (killed after the deadline) with only `env` of the `BGW_`
 /// variables; what it printed on both streams.
 fn run(args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("BGW_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command = gateway_command();
     command
         .args(args)
         .envs(env.iter().copied())

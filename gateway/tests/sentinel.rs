@@ -2,28 +2,14 @@
 //! failover (`SENTINEL FAILOVER`) while messages are published without pause.
 
 mod common;
-mod redis_server;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Admin, Client, Gateway, DEADLINE};
-use redis_server::{wait_for, Sentinels};
+use common::{wait_for, Admin, Client, Gateway, Sentinels, DEADLINE};
 use serde_json::Value;
 use shared::ServerFrame;
-
-async fn wait_ready(node: &Gateway, want: u16) {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    while node.get("/readyz").await.0 != want {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "/readyz of {} never answered {want}",
-            node.node
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// One publish: its number, and the status it got.
 #[derive(Debug, Clone)]
@@ -81,8 +67,8 @@ async fn a_sentinel_failover_loses_nothing_silently() {
     let url = set.url();
     let a = Gateway::start(&["--redis-url", &url, "--node-id", "sentinel-a"]);
     let b = Gateway::start(&["--redis-url", &url, "--node-id", "sentinel-b"]);
-    wait_ready(&a, 200).await;
-    wait_ready(&b, 200).await;
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
 
     let mut clients = Vec::new();
     for node in [&a, &b, &a, &b] {
@@ -133,16 +119,9 @@ async fn a_sentinel_failover_loses_nothing_silently() {
     });
     assert_ne!(set.master_port(), Some(old_master));
     for node in [&a, &b] {
-        let until = tokio::time::Instant::now() + DEADLINE;
-        while !node.logs().contains("new master") {
-            assert!(
-                tokio::time::Instant::now() < until,
-                "{} did not follow the failover",
-                node.node
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        wait_ready(node, 200).await;
+        // It follows the failover.
+        node.wait_log("new master").await;
+        node.wait_ready(200).await;
     }
 
     // Both are ready: from here on, every publish succeeds.

@@ -4,41 +4,25 @@
 //! paused (the first attempt timed out, then ran) publishes once.
 
 mod common;
-mod redis_server;
 
 use std::time::Duration;
 
-use common::{Admin, Client, Gateway, DEADLINE};
-use redis_server::{RedisCluster, RedisServer};
+use common::{Admin, Client, Gateway, RedisCluster, RedisServer, DEADLINE};
 use serde_json::{json, Value};
 
 const KEY: &str = "server-api-test-key";
 
 /// A node with the API key, on `url` (or the embedded broker).
 fn node(url: Option<&str>) -> Gateway {
-    let mut flags = vec!["--api-key", KEY];
-    if let Some(url) = url {
-        flags.extend(["--redis-url", url]);
-    }
-    Gateway::start(&flags)
+    Gateway::start_on(url, &["--api-key", KEY])
 }
 
 /// A call of the server API with the key: the status and the JSON answer.
 async fn call(node: &Gateway, method: &str, path: &str, body: Value) -> (u16, Value) {
-    let auth = format!("Bearer {KEY}");
-    let body = if body.is_null() {
-        Vec::new()
-    } else {
-        body.to_string().into_bytes()
-    };
-    let (status, answer) = node
-        .admin()
+    node.admin_with_key(KEY)
         .await
-        .request(method, path, &[("authorization", &auth)], &body)
-        .await;
-    let answer = serde_json::from_str(&answer)
-        .unwrap_or_else(|e| panic!("{method} {path}: `{answer}` is not JSON: {e}"));
-    (status, answer)
+        .call(method, path, &body)
+        .await
 }
 
 async fn history(node: &Gateway, query: &str) -> Value {
@@ -258,28 +242,22 @@ async fn server_api_on_the_embedded_broker() {
 async fn the_cli_publishes_once_and_reads_history() {
     let node = node(None);
     let channel = common::channel("api.cli");
-    let gateway = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args(args)
-            .arg("--admin-url")
-            .arg(format!("http://{}", node.admin_addr))
-            .env("BGW_API_KEY", KEY)
-            .output()
-            .expect("run gateway");
+    let gateway = async |args: &[&str]| {
+        let out = node.cli(args, Some(KEY)).await;
         assert!(out.status.success(), "{args:?}: {out:?}");
         serde_json::from_slice::<Value>(&out.stdout).expect("a JSON answer")
     };
     for _ in 0..2 {
-        let answer = gateway(&["publish", "--idempotency-key", "k1", &channel, "{\"a\":1}"]);
+        let answer = gateway(&["publish", "--idempotency-key", "k1", &channel, "{\"a\":1}"]).await;
         assert_eq!(answer["seq"], 1);
     }
-    gateway(&["publish", &channel, "2"]);
-    let answer = gateway(&["history", "--since", "1", &channel]);
+    gateway(&["publish", &channel, "2"]).await;
+    let answer = gateway(&["history", "--since", "1", &channel]).await;
     assert_eq!(history_seqs(&answer), [2]);
     assert_eq!(answer["seq"], 2);
-    gateway(&["history", "--remove", &channel]);
+    gateway(&["history", "--remove", &channel]).await;
     assert_eq!(
-        history_seqs(&gateway(&["history", &channel])),
+        history_seqs(&gateway(&["history", &channel]).await),
         Vec::<u64>::new()
     );
 }
@@ -314,22 +292,7 @@ async fn an_idempotent_retry_after_a_redis_pause_publishes_once() {
         let warm = json!({"channel": "warm", "data": n});
         assert_eq!(call(&node, "POST", "/v1/publish", warm).await.0, 200);
     }
-    let info = redis.cli(&["INFO", "server"]).expect("INFO");
-    let pid = info
-        .lines()
-        .find_map(|line| line.strip_prefix("process_id:"))
-        .expect("process_id")
-        .trim()
-        .to_owned();
-    let signal = |name: &str| {
-        let status = std::process::Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {name} {pid}");
-    };
-
-    signal("-STOP");
+    redis.pause();
     let keyed = json!({"channel": once, "data": {"order": 7}, "idempotency_key": "order-7"});
     let plain = json!({"channel": twice, "data": {"order": 7}});
     // Longer than the node's 2 s command timeout.
@@ -337,7 +300,7 @@ async fn an_idempotent_retry_after_a_redis_pause_publishes_once() {
         call(&node, "POST", "/v1/publish", keyed.clone()),
         call(&node, "POST", "/v1/publish", plain.clone()),
     );
-    signal("-CONT");
+    redis.resume();
     assert_eq!(keyed_status.0, 503, "{}", keyed_status.1);
     assert_eq!(plain_status.0, 503, "{}", plain_status.1);
 

@@ -3,20 +3,14 @@
 //! embedded broker, one Redis and a Redis Cluster.
 
 mod common;
-mod redis_server;
 
-use common::{Client, Gateway, DEADLINE};
-use redis_server::{RedisCluster, RedisServer};
+use common::{wait_until, Client, Gateway, RedisCluster, RedisServer, DEADLINE};
 use serde_json::Value;
 
 const KEY: &str = "server-channels-test-key";
 
 fn node(url: Option<&str>) -> Gateway {
-    let mut flags = vec!["--api-key", KEY, "--node-report-interval", "200ms"];
-    if let Some(url) = url {
-        flags.extend(["--redis-url", url]);
-    }
-    Gateway::start(&flags)
+    Gateway::start_on(url, &["--api-key", KEY, "--node-report-interval", "200ms"])
 }
 
 async fn subscriber(node: &Gateway, channel: &str) -> Client {
@@ -28,19 +22,12 @@ async fn subscriber(node: &Gateway, channel: &str) -> Client {
 
 /// `GET /v1/channels` with `query`: (channel, subscribers) in the order answered.
 async fn channels(node: &Gateway, query: &str) -> Vec<(String, u64)> {
-    let auth = format!("Bearer {KEY}");
-    let (status, body) = node
-        .admin()
+    let (status, answer) = node
+        .admin_with_key(KEY)
         .await
-        .request(
-            "GET",
-            &format!("/v1/channels?{query}"),
-            &[("authorization", &auth)],
-            b"",
-        )
+        .call("GET", &format!("/v1/channels?{query}"), &Value::Null)
         .await;
-    assert_eq!(status, 200, "{body}");
-    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 200, "{answer}");
     answer["channels"]
         .as_array()
         .expect("channels")
@@ -56,18 +43,15 @@ async fn channels(node: &Gateway, query: &str) -> Vec<(String, u64)> {
 
 /// Waits until the list for `query` is `want`.
 async fn wait_channels(node: &Gateway, query: &str, want: &[(String, u64)]) {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let got = channels(node, query).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "channels?{query}: {got:?}, want {want:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_until(
+        DEADLINE,
+        &format!("channels?{query} {want:?}"),
+        async || {
+            let got = channels(node, query).await;
+            (got == want).then_some(()).ok_or(format!("{got:?}"))
+        },
+    )
+    .await;
 }
 
 /// Subscribers on two nodes, counted together; `b` is then killed (SIGKILL), and its counts
@@ -106,13 +90,10 @@ async fn channels_on_the_embedded_broker() {
     let mut client = subscriber(&node, &one).await;
     wait_channels(&node, &format!("pattern={prefix}.*"), &[(one.clone(), 1)]).await;
     // `gateway channels` is a client of the API.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["channels", "--pattern", &format!("{prefix}.*")])
-        .arg("--admin-url")
-        .arg(format!("http://{}", node.admin_addr))
-        .env("BGW_API_KEY", KEY)
-        .output()
-        .expect("run gateway channels");
+    let pattern = format!("{prefix}.*");
+    let out = node
+        .cli(&["channels", "--pattern", &pattern], Some(KEY))
+        .await;
     assert!(out.status.success(), "{out:?}");
     let printed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(printed["channels"][0]["channel"], one.as_str());

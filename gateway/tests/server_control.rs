@@ -4,23 +4,17 @@
 //! (two nodes, the request sent to one of them, the connections on both).
 
 mod common;
-mod redis_server;
 
 use std::collections::BTreeMap;
 
-use common::{claims, hs256, Client, Gateway, SECRET};
-use redis_server::{RedisCluster, RedisServer};
+use common::{claims, hs256, Client, Gateway, RedisCluster, RedisServer, SECRET};
 use serde_json::{json, Value};
 use shared::ServerFrame;
 
 const KEY: &str = "server-control-test-key";
 
 fn node(url: Option<&str>) -> Gateway {
-    let mut flags = vec!["--api-key", KEY, "--jwt-secret", SECRET];
-    if let Some(url) = url {
-        flags.extend(["--redis-url", url]);
-    }
-    Gateway::start(&flags)
+    Gateway::start_on(url, &["--api-key", KEY, "--jwt-secret", SECRET])
 }
 
 fn token(sub: &str) -> String {
@@ -28,18 +22,10 @@ fn token(sub: &str) -> String {
 }
 
 async fn call(node: &Gateway, path: &str, body: Value) -> (u16, Value) {
-    let auth = format!("Bearer {KEY}");
-    let (status, answer) = node
-        .admin()
+    node.admin_with_key(KEY)
         .await
-        .request(
-            "POST",
-            path,
-            &[("authorization", &auth)],
-            body.to_string().as_bytes(),
-        )
-        .await;
-    (status, serde_json::from_str(&answer).unwrap_or(Value::Null))
+        .call("POST", path, &body)
+        .await
 }
 
 async fn call_ok(node: &Gateway, path: &str, body: Value) {
@@ -208,22 +194,15 @@ async fn control_on_the_embedded_broker() {
 async fn gateway_disconnect_closes_a_users_connections() {
     let node = node(None);
     let (mut carol, _) = connect(&node, "carol", &[]).await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["disconnect", "--user", "carol", "--reason", "terminate"])
-        .arg("--admin-url")
-        .arg(format!("http://{}", node.admin_addr))
-        .env("BGW_API_KEY", KEY)
-        .output()
-        .expect("run gateway disconnect");
+    let out = node
+        .cli(
+            &["disconnect", "--user", "carol", "--reason", "terminate"],
+            Some(KEY),
+        )
+        .await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(carol.expect_close().await, (4004, "terminated".to_owned()));
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["disconnect", "--user", "carol"])
-        .arg("--admin-url")
-        .arg(format!("http://{}", node.admin_addr))
-        .env_remove("BGW_API_KEY")
-        .output()
-        .expect("run gateway disconnect");
+    let refused = node.cli(&["disconnect", "--user", "carol"], None).await;
     assert!(!refused.status.success(), "no key: 401, exit 1");
 }
 

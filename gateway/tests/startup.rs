@@ -2,40 +2,16 @@
 //! and the start-up errors, each naming what failed and the flag to change.
 
 mod common;
-mod redis_server;
 
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{refusal_status, Gateway, DEADLINE};
-use redis_server::{free_port, RedisServer};
+use common::{free_port, refusal_status, Gateway, RedisServer, DEADLINE};
 use serde_json::Value;
 
 /// The password of the Redis of these tests: it must never show in a log.
 const PASSWORD: &str = "s3cret-redis-pass";
-
-async fn wait_ready(node: &Gateway, want: u16) {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    while node.get("/readyz").await.0 != want {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "/readyz never answered {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_log(node: &Gateway, needle: &str) {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    while !node.logs().contains(needle) {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the node never logged `{needle}`"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A node whose Redis is not there yet: it listens, is alive but not ready, refuses handshakes
 /// and publishes with 503, logs the address it tries and why it fails, and once Redis answers
@@ -56,11 +32,12 @@ async fn a_node_starts_without_redis_and_becomes_ready_when_redis_answers() {
         503
     );
     assert_eq!(node.publish("early", "1").await.0, 503);
-    wait_log(&node, &format!("redis://:***@127.0.0.1:{port}")).await;
-    wait_log(&node, "Connection refused").await;
+    node.wait_log(&format!("redis://:***@127.0.0.1:{port}"))
+        .await;
+    node.wait_log("Connection refused").await;
 
     let redis = RedisServer::start_with(port, None, &["--requirepass", PASSWORD]);
-    wait_ready(&node, 200).await;
+    node.wait_ready(200).await;
     let (mut client, _) = node.connect_hello().await;
     client.subscribe("early").await;
     let published = node.publish_ok("early", r#"{"up":true}"#).await;

@@ -3,25 +3,22 @@
 //! node's slots expire. On the embedded broker, one Redis and a Redis Cluster.
 
 mod common;
-mod redis_server;
 
-use common::{claims, hs256, Client, Gateway, DEADLINE, SECRET};
-use redis_server::{RedisCluster, RedisServer};
+use common::{claims, hs256, Client, Gateway, RedisCluster, RedisServer, DEADLINE, SECRET};
 use tokio_tungstenite::tungstenite::Message;
 
 fn node(url: Option<&str>) -> Gateway {
-    let mut flags = vec![
-        "--jwt-secret",
-        SECRET,
-        "--max-connections-per-user",
-        "2",
-        "--node-report-interval",
-        "200ms",
-    ];
-    if let Some(url) = url {
-        flags.extend(["--redis-url", url]);
-    }
-    Gateway::start(&flags)
+    Gateway::start_on(
+        url,
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--max-connections-per-user",
+            "2",
+            "--node-report-interval",
+            "200ms",
+        ],
+    )
 }
 
 fn token(sub: &str) -> String {

@@ -1,17 +1,19 @@
 //! `churn`: clients drop their sockets (no close handshake, as a network would) and resume at
 //! a rate while messages flow; every client must still see every message once.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
+use shared::admin::AdminClient;
+use shared::{Position, ServerFrame};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::admin::Admin;
 use crate::report::{progress, Report};
 use crate::socket::{self, Targets};
 
@@ -59,19 +61,14 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let mut clients = Vec::new();
     for i in 0..args.clients {
         let mut ws = targets.open(i).await?;
-        let welcome = socket::hello(&mut ws, json!({"type": "hello"})).await?;
-        socket::send(&mut ws, json!({"type": "subscribe", "channel": channel})).await?;
-        let subscribed = socket::recv(&mut ws).await?;
-        let session = welcome["session"].as_str().unwrap_or_default().to_owned();
-        let epoch = subscribed["epoch"].as_str().unwrap_or_default().to_owned();
-        let start = subscribed["seq"].as_u64().unwrap_or(0);
+        let welcome = socket::hello(&mut ws, None, BTreeMap::new()).await?;
+        let position = socket::subscribe(&mut ws, &channel).await?;
         let client = Churner {
             i,
             targets: targets.clone(),
             channel: channel.clone(),
-            session,
-            epoch,
-            last: start,
+            session: welcome.session,
+            position,
             mean_life,
         };
         clients.push(tokio::spawn(client.run(
@@ -83,7 +80,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
 
     let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
     let bar = progress(total, "publishing");
-    let mut admin = Admin::connect(&args.targets.admin[0]).await?;
+    let mut admin = AdminClient::connect(&args.targets.admin[0], None).await?;
     let started = Instant::now();
     let mut publish_errors = 0;
     for k in 0..total {
@@ -91,8 +88,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             (started + Duration::from_secs_f64(k as f64 / args.rate.max(1) as f64)).into(),
         )
         .await;
-        match admin.publish(&channel, &k.to_string()).await {
-            Ok(seq) => published = seq,
+        let data = RawValue::from_string(k.to_string())?;
+        match admin.publish(&channel, &data, None).await {
+            Ok(answer) => published = answer.seq,
             Err(_) => publish_errors += 1,
         }
         bar.inc(1);
@@ -137,9 +135,8 @@ struct Churner {
     targets: Arc<Targets>,
     channel: String,
     session: String,
-    epoch: String,
-    /// The last seq received: the client's own position.
-    last: u64,
+    /// The last seq received, in its epoch: the client's own position.
+    position: Position,
     mean_life: Duration,
 }
 
@@ -165,22 +162,23 @@ impl Churner {
                     Some(Ok(_)) => continue,
                     _ => break,
                 };
-                let frame: Value = serde_json::from_str(&text)?;
-                match frame["type"].as_str() {
-                    Some("message") => {
-                        let seq = frame["seq"].as_u64().unwrap_or(0);
-                        if seq <= self.last {
+                match serde_json::from_str(&text)? {
+                    ServerFrame::Message { seq, .. } => {
+                        let last = self.position.seq;
+                        if seq <= last {
                             tally.repeated += 1;
                             continue;
                         }
-                        if seq != self.last + 1 {
+                        if seq != last + 1 {
                             tally.gaps += 1;
                         }
-                        self.last = seq;
+                        self.position.seq = seq;
                         tally.unique += 1;
                         positions[self.i].store(seq, Ordering::Relaxed);
                     }
-                    Some("subscribed") if frame["recovered"] == false => tally.not_recovered += 1,
+                    ServerFrame::Subscribed {
+                        recovered: false, ..
+                    } => tally.not_recovered += 1,
                     _ => {}
                 }
             }
@@ -188,17 +186,14 @@ impl Churner {
             drop(ws);
             tally.resumes += 1;
             ws = self.targets.open(self.i + tally.resumes as usize).await?;
-            let since = json!({&self.channel: {"seq": self.last, "epoch": self.epoch}});
-            let welcome = socket::hello(
-                &mut ws,
-                json!({"type": "hello", "session": self.session, "since": since}),
-            )
-            .await?;
-            anyhow::ensure!(
-                welcome["resumed"] == true,
-                "the session did not resume: {welcome}"
-            );
-            if welcome["channels"][&self.channel]["recovered"] == false {
+            let since = BTreeMap::from([(self.channel.clone(), self.position.clone())]);
+            let welcome = socket::hello(&mut ws, Some(&self.session), since).await?;
+            anyhow::ensure!(welcome.resumed, "the session did not resume: {welcome:?}");
+            if welcome
+                .channels
+                .get(&self.channel)
+                .is_some_and(|c| !c.recovered)
+            {
                 tally.not_recovered += 1;
             }
         }

@@ -1,16 +1,17 @@
 //! `connections`: ramp to N idle connections, hold them, and measure the handshake rate and
 //! the gateway's resident memory per connection.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
 use futures_util::StreamExt;
-use serde_json::json;
+use serde_json::Value;
+use shared::admin::AdminClient;
 use tokio::sync::{watch, Semaphore};
 
-use crate::admin::total_stats;
 use crate::report::{progress, Report};
 use crate::socket::{self, Targets};
 
@@ -56,11 +57,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         tasks.push(tokio::spawn(async move {
             let opened = async {
                 let mut ws = targets.open(i).await?;
-                socket::hello(&mut ws, json!({"type": "hello"})).await?;
+                socket::hello(&mut ws, None, BTreeMap::new()).await?;
                 if let Some(channel) = subscribe {
-                    socket::send(&mut ws, json!({"type": "subscribe", "channel": channel})).await?;
-                    let subscribed = socket::recv(&mut ws).await?;
-                    anyhow::ensure!(subscribed["type"] == "subscribed", "{subscribed}");
+                    socket::subscribe(&mut ws, &channel).await?;
                 }
                 anyhow::Ok(ws)
             };
@@ -114,4 +113,16 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .add("rss_after_bytes", rss_after)
         .add("bytes_per_connection", per_connection);
     Ok(report)
+}
+
+/// The summed resident memory and connections of every node (`/v1/stats`).
+async fn total_stats(admins: &[String]) -> anyhow::Result<(u64, u64)> {
+    let (mut rss, mut connections) = (0, 0);
+    for url in admins {
+        let mut admin = AdminClient::connect(url, None).await?;
+        let stats: Value = admin.get_json("/v1/stats").await?;
+        rss += stats["rss_bytes"].as_u64().unwrap_or(0);
+        connections += stats["connections"].as_u64().unwrap_or(0);
+    }
+    Ok((rss, connections))
 }

@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args as ClapArgs;
+use serde_json::value::RawValue;
+use shared::admin::AdminClient;
 use shared::client::{Client, ClientConfig, Event};
 use tokio::sync::{mpsc, watch};
 
-use crate::admin::Admin;
 use crate::report::{percentiles, progress, Report};
 use crate::socket::Targets;
 
@@ -71,7 +72,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
 
     let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
     let bar = progress(total, "publishing");
-    let mut admin = Admin::connect(&args.targets.admin[0]).await?;
+    let mut admin = AdminClient::connect(&args.targets.admin[0], None).await?;
     let started = Instant::now();
     let mut signalled = false;
     let mut published = 0;
@@ -87,7 +88,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
                 .status()?;
             anyhow::ensure!(status.success(), "kill -TERM {} failed", args.pid);
         }
-        if admin.publish(&channel, &k.to_string()).await.is_ok() {
+        let data = RawValue::from_string(k.to_string())?;
+        if admin.publish(&channel, &data, None).await.is_ok() {
             published += 1;
         }
         bar.inc(1);

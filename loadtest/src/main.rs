@@ -1,7 +1,6 @@
 //! `loadtest`: the scenarios that prove the gateway's numbers. Each runs for a bounded time,
 //! shows its progress, and ends with a table of figures (`--json` for machines).
 
-mod admin;
 mod churn;
 mod connections;
 mod cpu;

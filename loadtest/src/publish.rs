@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use bytes::Bytes;
 use clap::Args as ClapArgs;
-use hyper::Method;
+use serde_json::value::RawValue;
+use shared::admin::{AdminClient, PublishRequest};
 
-use crate::admin::Admin;
 use crate::report::{histogram, percentiles, Report};
 
 #[derive(ClapArgs, Debug)]
@@ -46,21 +46,27 @@ struct Done {
 pub async fn run(args: Args) -> anyhow::Result<Report> {
     let run = rand::random::<u32>();
     // A JSON string of exactly `payload` bytes, quotes included.
-    let data = format!("\"{}\"", "x".repeat(args.payload.saturating_sub(2)));
-    let bodies: Arc<Vec<Bytes>> = Arc::new(
-        (0..args.channels.max(1))
-            .map(|i| {
-                Bytes::from(format!(
-                    r#"{{"channel":"pub.{run:08x}.{i}","data":{data}}}"#
-                ))
-            })
-            .collect(),
-    );
+    let data = RawValue::from_string(format!(
+        "\"{}\"",
+        "x".repeat(args.payload.saturating_sub(2))
+    ))?;
+    // Each channel's body is encoded once: the loop then sends the same bytes again and again.
+    let bodies = (0..args.channels.max(1))
+        .map(|i| {
+            let body = serde_json::to_vec(&PublishRequest {
+                channel: &format!("pub.{run:08x}.{i}"),
+                data: &data,
+                idempotency_key: None,
+            })?;
+            Ok(Bytes::from(body))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let bodies = Arc::new(bodies);
     let started = Instant::now();
     let deadline = started + args.duration;
     let mut clients = Vec::with_capacity(args.clients);
     for k in 0..args.clients {
-        let admin = Admin::connect_with_key(&args.admin, args.api_key.clone()).await?;
+        let admin = AdminClient::connect(&args.admin, args.api_key.as_deref()).await?;
         let client = Client { admin };
         let bodies = bodies.clone();
         clients.push(tokio::spawn(client.publish_until(deadline, bodies, k)));
@@ -92,7 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
 
 /// One publishing client: an admin API connection of its own.
 struct Client {
-    admin: Admin,
+    admin: AdminClient,
 }
 
 impl Client {
@@ -127,13 +133,10 @@ impl Client {
     }
 
     async fn publish(&mut self, body: Bytes) -> anyhow::Result<u16> {
-        let (status, _) = self
-            .admin
-            .request(Method::POST, "/v1/publish", body)
-            .await?;
+        let status = self.admin.post("/v1/publish", body).await?.status;
         if status == 401 {
             bail!("the admin API refused the key (401)");
         }
-        Ok(status)
+        Ok(status.as_u16())
     }
 }

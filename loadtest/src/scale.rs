@@ -13,9 +13,10 @@ use anyhow::{bail, Context};
 use clap::Args as ClapArgs;
 use hdrhistogram::Histogram;
 use nix::sys::signal::Signal;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use shared::admin::AdminClient;
 
-use crate::admin::Admin;
 use crate::report::{progress, Report};
 use crate::scale_chart::{self, Row, Table};
 use crate::scale_cluster::{self, Cluster, Spawn};
@@ -169,7 +170,7 @@ impl Totals {
 /// Publishes broadcast rounds: one message to every channel, each carrying its send time and
 /// its round, over several admin connections at once.
 struct Publisher {
-    admins: Vec<Admin>,
+    admins: Vec<AdminClient>,
     channels: Vec<String>,
     /// The last seq each channel got.
     last: Vec<u64>,
@@ -181,7 +182,7 @@ impl Publisher {
     async fn connect(urls: &[String], count: usize, channels: Vec<String>) -> anyhow::Result<Self> {
         let mut admins = Vec::new();
         for p in 0..count.max(1) {
-            admins.push(Admin::connect(&urls[p % urls.len()]).await?);
+            admins.push(AdminClient::connect(&urls[p % urls.len()], None).await?);
         }
         Ok(Self {
             admins,
@@ -200,7 +201,8 @@ impl Publisher {
                 let mut got = Vec::new();
                 for c in (p..channels.len()).step_by(count) {
                     let data = format!(r#"{{"t":{},"r":{round},"p":"{pad}"}}"#, now_micros());
-                    got.push((c, admin.publish(&channels[c], &data).await));
+                    let data = RawValue::from_string(data).expect("the data of a round is JSON");
+                    got.push((c, admin.publish(&channels[c], &data, None).await));
                 }
                 got
             },
@@ -208,7 +210,7 @@ impl Publisher {
         .await;
         for (c, result) in results.into_iter().flatten() {
             match result {
-                Ok(seq) => self.last[c] = self.last[c].max(seq),
+                Ok(answer) => self.last[c] = self.last[c].max(answer.seq),
                 Err(_) => self.errors += 1,
             }
         }
@@ -657,9 +659,9 @@ async fn lose_node(
     victim: usize,
     round_id: &mut u64,
 ) -> anyhow::Result<(Row, Vec<(f64, f64)>)> {
-    let held = Admin::connect(&cluster.nodes[victim].admin)
+    let held = AdminClient::connect(&cluster.nodes[victim].admin, None)
         .await?
-        .stats()
+        .get_json::<Value>("/v1/stats")
         .await?["connections"]
         .as_u64()
         .unwrap_or(0);

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-
-use crate::admin::Admin;
+use shared::admin::AdminClient;
 
 pub struct Node {
     pub name: String,
@@ -168,8 +167,12 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(60);
         for node in &self.nodes {
             loop {
-                if let Ok(mut admin) = Admin::connect(&node.admin).await {
-                    if admin.stats().await.is_ok() {
+                if let Ok(mut admin) = AdminClient::connect(&node.admin, None).await {
+                    if admin
+                        .get_json::<serde_json::Value>("/v1/stats")
+                        .await
+                        .is_ok()
+                    {
                         break;
                     }
                 }

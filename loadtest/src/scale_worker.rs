@@ -22,6 +22,7 @@ use std::time::Duration;
 use clap::Args as ClapArgs;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use shared::{ClientFrame, Position, ServerFrame};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -103,6 +104,12 @@ impl Ctx {
         x ^= x << 17;
         self.mask.set(x);
         ws::client_frame(opcode, payload, (x as u32).to_be_bytes())
+    }
+
+    /// A masked text frame of `frame`.
+    fn encode(&self, frame: &ClientFrame) -> Vec<u8> {
+        let text = serde_json::to_string(frame).expect("client frames serialise");
+        self.frame(TEXT, text.as_bytes())
     }
 
     fn fail(&self, reason: &str) {
@@ -398,15 +405,12 @@ async fn socket(ctx: &Ctx, conn: &mut Conn, node: usize) -> Ended {
         Ok(stream) => stream,
         Err(e) => return Ended::Failed(e),
     };
-    let hello = if conn.session.is_empty() {
-        json!({"type": "hello"})
-    } else {
-        json!({"type": "hello", "session": conn.session, "since": since(ctx, conn)})
+    let hello = ClientFrame::Hello {
+        token: None,
+        session: (!conn.session.is_empty()).then(|| conn.session.clone()),
+        since: since(ctx, conn).into_iter().collect(),
     };
-    if let Err(e) = stream
-        .write_all(&ctx.frame(TEXT, hello.to_string().as_bytes()))
-        .await
-    {
+    if let Err(e) = stream.write_all(&ctx.encode(&hello)).await {
         return Ended::Failed(format!("hello: {e}"));
     }
     let mut phase = Phase::Welcome;
@@ -446,15 +450,15 @@ async fn socket(ctx: &Ctx, conn: &mut Conn, node: usize) -> Ended {
     }
 }
 
-/// The position `conn` has of its channel, as `since` of `hello` (`{}` before any).
-fn since(ctx: &Ctx, conn: &Conn) -> Value {
+/// The position `conn` has of its channel, named, once it has one.
+fn since(ctx: &Ctx, conn: &Conn) -> Option<(String, Position)> {
     let last = ctx.last.borrow()[conn.id];
-    let epoch = ctx.epochs.borrow()[conn.channel].clone();
-    let mut since = json!({});
-    if let (true, Some(epoch)) = (last > 0, epoch) {
-        since[ctx.channel_name(conn.channel)] = json!({"seq": last, "epoch": &*epoch});
-    }
-    since
+    let epoch = ctx.epochs.borrow()[conn.channel].clone()?;
+    let position = Position {
+        seq: last,
+        epoch: Some(epoch.to_string()),
+    };
+    (last > 0).then(|| (ctx.channel_name(conn.channel), position))
 }
 
 #[derive(PartialEq)]
@@ -504,6 +508,9 @@ fn frames(
     }
 }
 
+/// A text frame. A `message` is read in part, without a `ServerFrame`: it is the frame of the
+/// hot path (every connection gets every broadcast), and the worker must cost less than the
+/// nodes it measures. The others come once per socket and are read whole.
 fn text(
     ctx: &Ctx,
     conn: &mut Conn,
@@ -511,20 +518,27 @@ fn text(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), Ended> {
-    let kind = ws::string_after(payload, br#""type":""#).unwrap_or("");
-    match (&*phase, kind) {
-        (_, "message") => message(ctx, conn, payload),
-        (Phase::Welcome, "welcome") => {
+    if ws::string_after(payload, br#""type":""#) == Some("message") {
+        message(ctx, conn, payload);
+        return Ok(());
+    }
+    match (&*phase, serde_json::from_slice(payload)) {
+        (
+            Phase::Welcome,
+            Ok(ServerFrame::Welcome {
+                session,
+                resumed,
+                channels,
+                ..
+            }),
+        ) => {
             let resuming = !conn.session.is_empty();
-            let resumed = contains(payload, br#""resumed":true"#);
-            if let Some(session) = ws::string_after(payload, br#""session":""#) {
-                conn.session = session.to_owned();
-            }
+            conn.session = session;
+            let channel = ctx.channel_name(conn.channel);
             // The resume restored the subscription only where `welcome.channels` names it (a
             // session whose subscribe had failed comes back without it).
-            let channel = format!("\"{}\":", ctx.channel_name(conn.channel));
-            if resuming && resumed && contains(payload, channel.as_bytes()) {
-                if contains(payload, br#""recovered":false"#) {
+            if let Some(state) = channels.get(&channel).filter(|_| resuming && resumed) {
+                if !state.recovered {
                     ctx.stats.borrow_mut().recovered_false += 1;
                 }
                 *phase = Phase::Live;
@@ -532,33 +546,39 @@ fn text(
                 return Ok(());
             }
             // A new session: subscribe, from the position the connection has if any.
-            let mut subscribe =
-                json!({"type": "subscribe", "channel": ctx.channel_name(conn.channel)});
-            if let Some(position) = since(ctx, conn).as_object().and_then(|o| o.values().next()) {
-                subscribe["since"] = position.clone();
-            }
-            out.extend_from_slice(&ctx.frame(TEXT, subscribe.to_string().as_bytes()));
+            let subscribe = ClientFrame::Subscribe {
+                id: None,
+                channel,
+                since: since(ctx, conn).map(|(_, position)| position),
+                presence: false,
+            };
+            out.extend_from_slice(&ctx.encode(&subscribe));
             *phase = Phase::Subscribed;
         }
-        (Phase::Subscribed, "subscribed") => {
-            if let Some(epoch) = ws::string_after(payload, br#""epoch":""#) {
-                let mut epochs = ctx.epochs.borrow_mut();
-                if epochs[conn.channel].as_deref() != Some(epoch) {
-                    epochs[conn.channel] = Some(epoch.into());
-                }
+        (
+            Phase::Subscribed,
+            Ok(ServerFrame::Subscribed {
+                seq,
+                epoch,
+                recovered,
+                ..
+            }),
+        ) => {
+            let mut epochs = ctx.epochs.borrow_mut();
+            if epochs[conn.channel].as_deref() != Some(epoch.as_str()) {
+                epochs[conn.channel] = Some(epoch.into());
             }
+            drop(epochs);
             if conn.first {
-                let seq = ws::number_after(payload, br#""seq":"#).unwrap_or(0);
                 ctx.last.borrow_mut()[conn.id] = seq;
-            } else if contains(payload, br#""recovered":false"#) {
+            } else if !recovered {
                 ctx.stats.borrow_mut().recovered_false += 1;
             }
             *phase = Phase::Live;
             went_live(ctx, conn, false);
         }
-        (Phase::Live, "subscribed") => {
+        (Phase::Live, Ok(ServerFrame::Subscribed { seq, .. })) => {
             // Unsolicited: history no longer held what this connection missed.
-            let seq = ws::number_after(payload, br#""seq":"#).unwrap_or(0);
             ctx.last.borrow_mut()[conn.id] = seq;
             ctx.stats.borrow_mut().recovered_false += 1;
         }
@@ -599,10 +619,6 @@ fn message(ctx: &Ctx, conn: &Conn, payload: &[u8]) {
             .or_insert_with(histogram)
             .saturating_record(latency);
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// A socket to `node` from this worker's source address, upgraded.

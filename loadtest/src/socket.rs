@@ -1,12 +1,14 @@
 //! Client sockets spread over targets and local source addresses (127.0.0.x), because one
 //! source address has only ~28k ephemeral ports towards one target.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use shared::frame::ChannelState;
+use shared::{ClientFrame, Position, ServerFrame};
 use tokio::net::{lookup_host, TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -68,32 +70,79 @@ pub fn authority(url: &str) -> anyhow::Result<&str> {
         .context("a ws:// URL")
 }
 
-/// Sends a JSON frame.
-pub async fn send(ws: &mut Ws, frame: Value) -> anyhow::Result<()> {
-    ws.send(Message::text(frame.to_string())).await?;
+/// Sends a frame of the protocol.
+pub async fn send(ws: &mut Ws, frame: &ClientFrame) -> anyhow::Result<()> {
+    ws.send(Message::text(serde_json::to_string(frame)?))
+        .await?;
     Ok(())
 }
 
-/// The next text frame, parsed.
-pub async fn recv(ws: &mut Ws) -> anyhow::Result<Value> {
+/// The next frame of the protocol.
+pub async fn recv(ws: &mut Ws) -> anyhow::Result<ServerFrame> {
     loop {
         match ws.next().await.context("the connection closed")?? {
-            Message::Text(text) => return Ok(serde_json::from_str(&text)?),
-            Message::Close(frame) => anyhow::bail!("closed: {frame:?}"),
+            Message::Text(text) => {
+                return serde_json::from_str(&text)
+                    .with_context(|| format!("not a server frame: {text}"))
+            }
+            Message::Close(frame) => bail!("closed: {frame:?}"),
             _ => continue,
         }
     }
 }
 
-/// `hello`, and the `welcome` it gets.
-pub async fn hello(ws: &mut Ws, hello: Value) -> anyhow::Result<Value> {
-    send(ws, hello).await?;
-    let welcome = recv(ws).await?;
-    anyhow::ensure!(
-        welcome["type"] == "welcome",
-        "expected welcome, got {welcome}"
-    );
-    Ok(welcome)
+/// What a `welcome` tells the scenarios.
+#[derive(Debug)]
+pub struct Welcome {
+    pub session: String,
+    pub resumed: bool,
+    pub channels: BTreeMap<String, ChannelState>,
+}
+
+/// `hello`, a resume of `session` from the positions `since` when there is one, and the
+/// `welcome` it gets.
+pub async fn hello(
+    ws: &mut Ws,
+    session: Option<&str>,
+    since: BTreeMap<String, Position>,
+) -> anyhow::Result<Welcome> {
+    let hello = ClientFrame::Hello {
+        token: None,
+        session: session.map(str::to_owned),
+        since,
+    };
+    send(ws, &hello).await?;
+    match recv(ws).await? {
+        ServerFrame::Welcome {
+            session,
+            resumed,
+            channels,
+            ..
+        } => Ok(Welcome {
+            session,
+            resumed,
+            channels,
+        }),
+        other => bail!("expected welcome, got {other:?}"),
+    }
+}
+
+/// Subscribes to `channel` from now on; the channel's position that `subscribed` gives.
+pub async fn subscribe(ws: &mut Ws, channel: &str) -> anyhow::Result<Position> {
+    let subscribe = ClientFrame::Subscribe {
+        id: None,
+        channel: channel.to_owned(),
+        since: None,
+        presence: false,
+    };
+    send(ws, &subscribe).await?;
+    match recv(ws).await? {
+        ServerFrame::Subscribed { seq, epoch, .. } => Ok(Position {
+            seq,
+            epoch: Some(epoch),
+        }),
+        other => bail!("expected subscribed to {channel}, got {other:?}"),
+    }
 }
 
 /// The seq of a `message` frame and the send time its data carries (`{"t": micros, ...}`),

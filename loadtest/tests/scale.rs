@@ -5,13 +5,11 @@
 //! files and charts are written, and nothing it started is left running. Never a speed.
 
 mod common;
-#[path = "../../gateway/tests/redis_server/mod.rs"]
-mod redis_server;
 
 use std::net::TcpListener;
 use std::process::Command;
 
-use common::gateway_binary;
+use common::{free_port, gateway_binary};
 use serde_json::Value;
 
 /// A base port below the ephemeral range with BASE..BASE+N and BASE+1000..BASE+1000+N free.
@@ -55,7 +53,7 @@ fn scale_ramps_broadcasts_and_survives_a_drain_and_a_kill() {
         .args(["--per-worker", "400", "--rate", "2000", "--broadcasts", "3"])
         .args(["--interval", "100ms", "--drain", "--kill"])
         .args(["--base-port", &base.to_string()])
-        .args(["--redis-port", &redis_server::free_port().to_string()])
+        .args(["--redis-port", &free_port().to_string()])
         .args(["--first-source", "127.0.3.1", "--min-available-mib", "256"])
         .arg("--gateway")
         .arg(gateway_binary())

@@ -2,14 +2,11 @@
 //! These check the tool and the gateway's guarantees; they never assert a speed.
 
 mod common;
-#[path = "../../gateway/tests/redis_server/mod.rs"]
-mod redis_server;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::gateway_binary;
-use redis_server::{free_port, wait_for, RedisServer};
+use common::{free_port, gateway_binary, wait_for, RedisServer};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -74,6 +71,15 @@ fn loadtest(args: &[&str]) -> Value {
     serde_json::from_slice(&output.stdout).expect("one JSON object")
 }
 
+/// The report counts no message lost and none repeated.
+fn assert_nothing_lost(report: &Value) {
+    assert_eq!(
+        (report["lost"].as_u64(), report["repeated"].as_u64()),
+        (Some(0), Some(0)),
+        "{report}"
+    );
+}
+
 #[test]
 fn connections_open_and_are_counted() {
     let node = Node::start(&[]);
@@ -103,11 +109,7 @@ fn fanout_loses_nothing() {
     ]);
     assert_eq!(report["published"], 50, "{report}");
     assert_eq!(report["deliveries"], 500, "{report}");
-    assert_eq!(
-        (report["lost"].as_u64(), report["repeated"].as_u64()),
-        (Some(0), Some(0)),
-        "{report}"
-    );
+    assert_nothing_lost(&report);
     assert_eq!(report["out_of_order"], 0, "{report}");
 }
 
@@ -179,11 +181,7 @@ fn fanout_across_two_nodes_on_redis_loses_nothing() {
         "fanout", "--url", &urls, "--admin", &admins, "-s", "20", "-r", "50", "-t", "1s",
     ]);
     assert_eq!(report["deliveries"], 1000, "{report}");
-    assert_eq!(
-        (report["lost"].as_u64(), report["repeated"].as_u64()),
-        (Some(0), Some(0)),
-        "{report}"
-    );
+    assert_nothing_lost(&report);
 }
 
 /// Many resumes into a busy channel: the case that once delivered a message twice (numbered
@@ -197,11 +195,7 @@ fn churn_resumes_without_loss() {
         "30",
     ]);
     assert!(report["resumes"].as_u64().unwrap() > 0, "{report}");
-    assert_eq!(
-        (report["lost"].as_u64(), report["repeated"].as_u64()),
-        (Some(0), Some(0)),
-        "{report}"
-    );
+    assert_nothing_lost(&report);
     assert_eq!(report["resumes_not_recovered"], 0, "{report}");
 }
 

@@ -1,4 +1,17 @@
-//! What the loadtest tests share.
+//! What the loadtest tests share: the gateway binary, and the Redis servers and deadline waits
+//! of the gateway's own test harness.
+// Each test file is a crate of its own that uses its own part of this: what one file leaves
+// unused is not dead in the others.
+#![allow(dead_code)]
+
+#[path = "../../../gateway/tests/common/redis.rs"]
+pub mod redis;
+#[path = "../../../gateway/tests/common/wait.rs"]
+pub mod wait;
+
+// The same for the re-exports: each file imports what it uses.
+#[allow(unused_imports)]
+pub use self::{redis::*, wait::*};
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -2,13 +2,14 @@
 //! same port for outage tests), over TLS with certificates made for the test, a 3-master
 //! cluster, and a master with a replica watched by 3 Sentinels. Each listens on loopback, on a
 //! port nobody else holds, in a directory of its own, and is killed by its pid when dropped.
-#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::wait::wait_for;
 
 pub struct RedisServer {
     pub port: u16,
@@ -126,6 +127,26 @@ impl RedisServer {
     /// Runs `redis-cli` against this server; `None` when it failed.
     pub fn cli(&self, args: &[&str]) -> Option<String> {
         cli(self.port, self.tls.as_deref(), &self.extra, args)
+    }
+
+    /// Stops the process (SIGSTOP): it keeps its sockets open but answers nothing, as a stalled
+    /// server would, until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("the server runs").id();
+        let status = Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {name} {pid}");
     }
 }
 
@@ -513,16 +534,4 @@ fn temp_dir(prefix: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).expect("a temp dir");
     dir
-}
-
-/// Polls `ready` until it holds, or panics at the deadline.
-pub fn wait_for(deadline: Duration, mut ready: impl FnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !ready() {
-        assert!(
-            Instant::now() < until,
-            "condition not met within {deadline:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
