@@ -452,14 +452,15 @@ mod tests {
             include_str!("connection/requests/subscribe.rs"),
             include_str!("connection/requests/publish.rs"),
             include_str!("fanout.rs"),
-            include_str!("hub.rs"),
+            include_str!("hub/mod.rs"),
+            include_str!("hub/continuity.rs"),
             include_str!("listener.rs"),
             include_str!("broker/redis/link.rs"),
             include_str!("broker/redis/mod.rs"),
             include_str!("broker/redis/channels.rs"),
             include_str!("broker/embedded/mod.rs"),
             include_str!("broker/embedded/channels.rs"),
-            include_str!("session.rs"),
+            include_str!("session/saver.rs"),
         ];
         let known: Vec<&str> = [DROP_REASONS, REJECTION_REASONS, LIMITS, SESSION_SAVES].concat();
         let mut seen = 0;

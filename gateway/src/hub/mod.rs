@@ -4,7 +4,8 @@
 //! The hub takes every message the broker delivers, keeps its channel continuous (it drops
 //! repeats, and repairs a gap in seq from history before it passes later messages on), encodes
 //! it once into its whole WebSocket frame and hands that to the [`fanout`](crate::fanout)
-//! shards that hold the channel's subscribers.
+//! shards that hold the channel's subscribers. How it keeps a channel continuous is in
+//! [`continuity`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,16 +14,18 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use shared::{Position, ServerFrame};
 use tokio::sync::Mutex as AsyncMutex;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::broker::{Broker, BrokerError, Delivery, Event, Events};
 use crate::connection::Transport;
 use crate::fanout::{Command, Fanout, Message, Subscriber};
-use crate::metrics::{InProgress, Metrics};
+use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::session::{Cursor, Sessions};
 use crate::shutdown::Tasks;
 use crate::wire;
+
+mod continuity;
 
 pub struct Hub {
     broker: Arc<dyn Broker>,
@@ -308,40 +311,6 @@ impl Hub {
         Ok(())
     }
 
-    /// Passes one message from the broker on to the channel's local subscribers.
-    fn deliver(self: &Arc<Self>, delivery: Delivery) {
-        let mut channels = self.channels.lock();
-        let Some(channel) = channels.get_mut(&delivery.channel) else {
-            return;
-        };
-        if let Some(held) = &mut channel.repairing {
-            held.push(delivery);
-            return;
-        }
-        match channel.continuity(&delivery) {
-            Continuity::Next => channel.pass_on(&delivery, &self.fanout, &self.metrics),
-            Continuity::Repeat => self.metrics.drops.with_label_values(&["repeat"]).inc(),
-            Continuity::NewEpoch => {
-                channel.restart(
-                    &delivery.epoch,
-                    delivery.seq.saturating_sub(1),
-                    &self.fanout,
-                );
-                channel.pass_on(&delivery, &self.fanout, &self.metrics);
-            }
-            Continuity::Gap => {
-                debug!(channel = %channel.name, last = channel.last_seq, seq = delivery.seq, "gap, repairing from history");
-                self.metrics.repairs.inc();
-                let after = channel.last_seq;
-                channel.repairing = Some(vec![delivery]);
-                let hub = self.clone();
-                let name = channel.name.clone();
-                self.tasks
-                    .spawn("hub repair", async move { hub.repair(name, after).await });
-            }
-        }
-    }
-
     /// Passes a member's join or leave on to the local subscribers of its channel that asked
     /// for them: one frame for the node, written only to them.
     fn announce(&self, joined: bool, presence: shared::frame::Presence) {
@@ -369,89 +338,6 @@ impl Hub {
                 .send(shard, Command::Presence { channel, frame });
         }
     }
-
-    /// After a broker outage: links every channel again and repairs each from history, so that
-    /// what was published while the link was down reaches subscribers without a new message.
-    pub async fn resync(self: &Arc<Self>) {
-        let _resyncing = InProgress::start(&self.metrics.resyncs_in_progress);
-        let names: Vec<Arc<str>> = self.channels.lock().keys().cloned().collect();
-        for name in names {
-            {
-                let _link = self.links.lock().await;
-                if let Err(e) = self.broker.subscribe(&name).await {
-                    warn!(channel = %name, error = %e, "resubscribe failed");
-                    continue;
-                }
-            }
-            let after = {
-                let mut channels = self.channels.lock();
-                let Some(channel) = channels.get_mut(&name) else {
-                    continue;
-                };
-                if channel.repairing.is_some() || channel.epoch.is_none() {
-                    continue;
-                }
-                channel.repairing = Some(Vec::new());
-                channel.last_seq
-            };
-            self.metrics.repairs.inc();
-            self.clone().repair(name, after).await;
-        }
-    }
-
-    /// Fills a gap after `after` from history, then passes on what was held meanwhile. What
-    /// history no longer has is lost: subscribers are told with `recovered: false`.
-    async fn repair(self: Arc<Self>, name: Arc<str>, after: u64) {
-        let _repairing = InProgress::start(&self.metrics.repairs_in_progress);
-        let history = self.broker.history(&name, after).await;
-        let mut channels = self.channels.lock();
-        let Some(channel) = channels.get_mut(&name) else {
-            return;
-        };
-        let held = channel.repairing.take().unwrap_or_default();
-        if let Ok(history) = history {
-            if channel.epoch.as_deref() == Some(&*history.epoch) {
-                for (seq, data) in history.messages {
-                    let delivery = Delivery {
-                        channel: name.clone(),
-                        seq,
-                        epoch: history.epoch.clone(),
-                        data,
-                    };
-                    if channel.continuity(&delivery) == Continuity::Next {
-                        channel.pass_on(&delivery, &self.fanout, &self.metrics);
-                    }
-                }
-            }
-        }
-        for delivery in held {
-            match channel.continuity(&delivery) {
-                Continuity::Next => {}
-                Continuity::Repeat => continue,
-                Continuity::Gap | Continuity::NewEpoch => {
-                    warn!(channel = %name, last = channel.last_seq, seq = delivery.seq, "history could not repair the gap");
-                    self.metrics
-                        .drops
-                        .with_label_values(&["unrecoverable_gap"])
-                        .inc();
-                    channel.restart(
-                        &delivery.epoch,
-                        delivery.seq.saturating_sub(1),
-                        &self.fanout,
-                    );
-                }
-            }
-            channel.pass_on(&delivery, &self.fanout, &self.metrics);
-        }
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Continuity {
-    Next,
-    Repeat,
-    Gap,
-    NewEpoch,
 }
 
 impl Channel {
@@ -466,46 +352,6 @@ impl Channel {
             last_seq: 0,
             repairing: None,
             subscribers: vec![0; shards].into(),
-        }
-    }
-
-    fn continuity(&self, delivery: &Delivery) -> Continuity {
-        match &self.epoch {
-            // Nothing passed on yet: the first message sets where the channel stands.
-            None => Continuity::Next,
-            Some(epoch) if **epoch != *delivery.epoch => Continuity::NewEpoch,
-            Some(_) if delivery.seq <= self.last_seq => Continuity::Repeat,
-            Some(_) if delivery.seq == self.last_seq + 1 => Continuity::Next,
-            Some(_) => Continuity::Gap,
-        }
-    }
-
-    /// Continuity is lost: every live subscriber is told where the channel stands now, before
-    /// its next message.
-    fn restart(&mut self, epoch: &Arc<str>, seq: u64, fanout: &Fanout) {
-        self.epoch = Some(epoch.clone());
-        self.last_seq = seq;
-        let frame = wire::text(
-            ServerFrame::Subscribed {
-                id: None,
-                channel: self.name.to_string(),
-                seq,
-                epoch: epoch.to_string(),
-                recovered: false,
-            }
-            .to_json()
-            .as_bytes(),
-        );
-        for shard in self.shards() {
-            fanout.send(
-                shard,
-                Command::Restart {
-                    channel: self.name.clone(),
-                    epoch: epoch.clone(),
-                    seq,
-                    frame: frame.clone(),
-                },
-            );
         }
     }
 
@@ -542,31 +388,6 @@ impl Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn delivery(epoch: &str, seq: u64) -> Delivery {
-        Delivery {
-            channel: Arc::from("news"),
-            seq,
-            epoch: Arc::from(epoch),
-            data: Bytes::from_static(b"{}"),
-        }
-    }
-
-    #[test]
-    fn continuity_of_a_channel() {
-        let mut channel = Channel::new(Arc::from("news"), 2);
-        // Nothing passed on yet: whatever comes first is where the channel stands.
-        assert_eq!(channel.continuity(&delivery("a", 7)), Continuity::Next);
-        channel.epoch = Some(Arc::from("a"));
-        channel.last_seq = 7;
-        assert_eq!(channel.continuity(&delivery("a", 8)), Continuity::Next);
-        assert_eq!(channel.continuity(&delivery("a", 7)), Continuity::Repeat);
-        assert_eq!(channel.continuity(&delivery("a", 1)), Continuity::Repeat);
-        assert_eq!(channel.continuity(&delivery("a", 10)), Continuity::Gap);
-        // A new epoch restarts the sequence, whatever its seq.
-        assert_eq!(channel.continuity(&delivery("b", 1)), Continuity::NewEpoch);
-        assert_eq!(channel.continuity(&delivery("b", 9)), Continuity::NewEpoch);
-    }
 
     #[test]
     fn a_channel_knows_its_shards() {
