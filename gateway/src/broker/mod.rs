@@ -275,12 +275,13 @@ pub enum BrokerError {
     Internal(String),
 }
 
+/// A channel's sequence, history and delivery to the nodes.
 #[async_trait]
-pub trait Broker: Send + Sync + 'static {
+pub trait Channels: Send + Sync {
     /// Appends `data` to the channel: the next seq, history, and delivery to every node.
     async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError>;
 
-    /// Publishes as [`Broker::publish`] does, unless a publish to the channel with the same
+    /// Publishes as [`Channels::publish`] does, unless a publish to the channel with the same
     /// idempotency `key` was made within `window`: then answers with that publish's place and
     /// publishes nothing. The check and the publish are one atomic step, so that two retries
     /// racing each other publish once.
@@ -305,7 +306,11 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Stops delivering the channel's messages to this node.
     async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError>;
+}
 
+/// Sessions, and each node's positions, as the broker keeps them.
+#[async_trait]
+pub trait SessionStore: Send + Sync {
     async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, BrokerError>;
 
     /// Makes `owner` the owner of a live session, and returns the session as it was (with its
@@ -343,14 +348,14 @@ pub trait Broker: Send + Sync + 'static {
     /// Tells the owner's node that its connection lost the session to another one.
     async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError>;
 
-    /// Hands `control` to every node that shares the broker, this one included, as
-    /// [`Event::Control`]. At most once: a node whose link is down at that moment misses it.
-    async fn control(&self, control: &Control) -> Result<(), BrokerError>;
-
     /// Ends the session for good: it cannot be resumed, and saves of it are refused, for `ttl`
     /// (as long as a save could come: the session's TTL).
     async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError>;
+}
 
+/// What each node reports of its subscribers: channel counts, presence members.
+#[async_trait]
+pub trait Reports: Send + Sync {
     /// Replaces this node's report of its channels' local subscriber counts; the report expires
     /// after `ttl` unless made again, so that a dead node's counts vanish.
     async fn report_channels(
@@ -361,28 +366,6 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Every channel with subscribers in a live report of any node, with the counts summed.
     async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError>;
-
-    /// Adds `member` (a node's connection) to the connections of `user` unless the user has
-    /// `limit` unexpired ones already; `false` then. The member expires after `ttl` unless
-    /// refreshed.
-    async fn acquire_connection(
-        &self,
-        user: &str,
-        member: &str,
-        limit: usize,
-        ttl: Duration,
-    ) -> Result<bool, BrokerError>;
-
-    /// Removes `member` from the connections of `user`.
-    async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError>;
-
-    /// Pushes back the expiry of each `(user, member)` that is still held (a released one is
-    /// not taken again).
-    async fn refresh_connections(
-        &self,
-        slots: &[(String, String)],
-        ttl: Duration,
-    ) -> Result<(), BrokerError>;
 
     /// Adds (or reports again) and removes members of presence channels, each channel's in the
     /// order given, atomically with what each change announces: an added member expires after
@@ -404,6 +387,41 @@ pub trait Broker: Send + Sync + 'static {
         channel: &str,
         limit: usize,
     ) -> Result<(u64, Vec<Member>), BrokerError>;
+}
+
+/// The connections each user holds across the cluster (`--max-connections-per-user`).
+#[async_trait]
+pub trait UserSlots: Send + Sync {
+    /// Adds `member` (a node's connection) to the connections of `user` unless the user has
+    /// `limit` unexpired ones already; `false` then. The member expires after `ttl` unless
+    /// refreshed.
+    async fn acquire_connection(
+        &self,
+        user: &str,
+        member: &str,
+        limit: usize,
+        ttl: Duration,
+    ) -> Result<bool, BrokerError>;
+
+    /// Removes `member` from the connections of `user`.
+    async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError>;
+
+    /// Pushes back the expiry of each `(user, member)` that is still held (a released one is
+    /// not taken again).
+    async fn refresh_connections(
+        &self,
+        slots: &[(String, String)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError>;
+}
+
+/// The broker of a node: one trait per job, each implemented by both brokers in the module of
+/// that job (`embedded/`, `redis/`), and what concerns the node's link here.
+#[async_trait]
+pub trait Broker: Channels + SessionStore + Reports + UserSlots + 'static {
+    /// Hands `control` to every node that shares the broker, this one included, as
+    /// [`Event::Control`]. At most once: a node whose link is down at that moment misses it.
+    async fn control(&self, control: &Control) -> Result<(), BrokerError>;
 
     /// Whether the broker answers now.
     async fn ping(&self) -> Result<(), BrokerError>;

@@ -5,11 +5,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{EmbeddedBroker, State};
-use crate::broker::{BrokerError, Delivery, Event, History, HistoryLimits, Published};
+use crate::broker::{BrokerError, Channels, Delivery, Event, History, HistoryLimits, Published};
 use crate::ids;
 
 /// A channel as the embedded broker keeps it: its place in its sequence, and its history.
@@ -85,12 +86,11 @@ impl EmbeddedBroker {
         }
         published
     }
+}
 
-    pub(super) async fn publish(
-        &self,
-        channel: &str,
-        data: Bytes,
-    ) -> Result<Published, BrokerError> {
+#[async_trait]
+impl Channels for EmbeddedBroker {
+    async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
         // Reserve the event's place first, so that seq order and delivery order are the same
         // order: both are decided under the lock in `append`.
         let permit = self
@@ -102,7 +102,7 @@ impl EmbeddedBroker {
         Ok(self.append(&mut self.state.lock(), permit, channel, data, now))
     }
 
-    pub(super) async fn publish_once(
+    async fn publish_once(
         &self,
         channel: &str,
         data: Bytes,
@@ -127,14 +127,14 @@ impl EmbeddedBroker {
         Ok(published)
     }
 
-    pub(super) async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
         if let Some(log) = self.state.lock().channels.get_mut(channel) {
             log.history.clear();
         }
         Ok(())
     }
 
-    pub(super) async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {
+    async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {
         let now = Instant::now();
         let mut state = self.state.lock();
         let log = state
@@ -152,12 +152,12 @@ impl EmbeddedBroker {
         Ok(History::new(log.epoch.clone(), log.top, after, messages))
     }
 
-    pub(super) async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
         self.state.lock().subscribed.insert(Arc::from(channel));
         Ok(())
     }
 
-    pub(super) async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
         self.state.lock().subscribed.remove(channel);
         Ok(())
     }

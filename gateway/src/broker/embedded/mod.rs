@@ -16,17 +16,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use self::channels::ChannelLog;
 use self::sessions::StoredSession;
 use super::{
-    Broker, BrokerError, Control, Event, Events, History, HistoryLimits, NodePositions, Owner,
-    Published, SessionRecord, CHANNEL_TTL,
+    Broker, BrokerError, Control, Event, Events, HistoryLimits, NodePositions, Published,
+    CHANNEL_TTL,
 };
-use crate::presence::{Change, Member};
+use crate::presence::Member;
 use crate::shutdown::Tasks;
 
 /// How many events may wait for the hub before publishers wait: enough to absorb a burst while
@@ -138,143 +137,14 @@ impl EmbeddedBroker {
     }
 }
 
-/// Hands each call to the broker's own method of the same name, in the module of its job:
-/// inherent methods come before trait methods in Rust's method lookup, so none of these calls
-/// itself. What concerns the node's events alone is here.
+/// The broker's other traits are implemented in the modules of their jobs.
 #[async_trait]
 impl Broker for EmbeddedBroker {
-    async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
-        self.publish(channel, data).await
-    }
-
-    async fn publish_once(
-        &self,
-        channel: &str,
-        data: Bytes,
-        key: &str,
-        window: Duration,
-    ) -> Result<Published, BrokerError> {
-        self.publish_once(channel, data, key, window).await
-    }
-
-    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
-        self.remove_history(channel).await
-    }
-
-    async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {
-        self.history(channel, after).await
-    }
-
-    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        self.subscribe(channel).await
-    }
-
-    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        self.unsubscribe(channel).await
-    }
-
-    async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, BrokerError> {
-        self.load_session(id).await
-    }
-
-    async fn claim_session(
-        &self,
-        id: &str,
-        owner: &Owner,
-        ttl: Duration,
-    ) -> Result<Option<SessionRecord>, BrokerError> {
-        self.claim_session(id, owner, ttl).await
-    }
-
-    async fn save_sessions(
-        &self,
-        records: &[SessionRecord],
-        ttl: Duration,
-    ) -> Result<(), BrokerError> {
-        self.save_sessions(records, ttl).await
-    }
-
-    async fn save_positions(
-        &self,
-        node: &str,
-        positions: &NodePositions,
-        ttl: Duration,
-    ) -> Result<(), BrokerError> {
-        self.save_positions(node, positions, ttl).await
-    }
-
-    async fn load_positions(
-        &self,
-        node: &str,
-        channels: &[&str],
-    ) -> Result<Option<NodePositions>, BrokerError> {
-        self.load_positions(node, channels).await
-    }
-
-    async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError> {
-        self.take_over(previous, session).await
-    }
-
     async fn control(&self, control: &Control) -> Result<(), BrokerError> {
         self.events
             .send(Event::Control(control.clone()))
             .await
             .map_err(|_| BrokerError::Internal("node stopped".into()))
-    }
-
-    async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
-        self.end_session(id, ttl).await
-    }
-
-    async fn report_channels(
-        &self,
-        counts: &[(Arc<str>, u64)],
-        ttl: Duration,
-    ) -> Result<(), BrokerError> {
-        self.report_channels(counts, ttl).await
-    }
-
-    async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError> {
-        self.channels().await
-    }
-
-    async fn acquire_connection(
-        &self,
-        user: &str,
-        member: &str,
-        limit: usize,
-        ttl: Duration,
-    ) -> Result<bool, BrokerError> {
-        self.acquire_connection(user, member, limit, ttl).await
-    }
-
-    async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError> {
-        self.release_connection(user, member).await
-    }
-
-    async fn refresh_connections(
-        &self,
-        slots: &[(String, String)],
-        ttl: Duration,
-    ) -> Result<(), BrokerError> {
-        self.refresh_connections(slots, ttl).await
-    }
-
-    async fn change_presence(
-        &self,
-        changes: &[Change],
-        ttl: Duration,
-        max: usize,
-    ) -> Result<(), BrokerError> {
-        self.change_presence(changes, ttl, max).await
-    }
-
-    async fn presence(
-        &self,
-        channel: &str,
-        limit: usize,
-    ) -> Result<(u64, Vec<Member>), BrokerError> {
-        self.presence(channel, limit).await
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

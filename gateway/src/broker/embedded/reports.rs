@@ -5,12 +5,15 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
+
 use super::{EmbeddedBroker, State};
-use crate::broker::{BrokerError, Event};
+use crate::broker::{BrokerError, Event, Reports};
 use crate::presence::{announced, Change, Member};
 
-impl EmbeddedBroker {
-    pub(super) async fn report_channels(
+#[async_trait]
+impl Reports for EmbeddedBroker {
+    async fn report_channels(
         &self,
         counts: &[(Arc<str>, u64)],
         ttl: Duration,
@@ -19,7 +22,7 @@ impl EmbeddedBroker {
         Ok(())
     }
 
-    pub(super) async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError> {
+    async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError> {
         let state = self.state.lock();
         let (counts, expires) = &state.reported;
         if expires.is_none_or(|at| at <= Instant::now()) {
@@ -28,7 +31,7 @@ impl EmbeddedBroker {
         Ok(counts.iter().map(|(c, n)| (c.to_string(), *n)).collect())
     }
 
-    pub(super) async fn change_presence(
+    async fn change_presence(
         &self,
         changes: &[Change],
         ttl: Duration,
@@ -87,7 +90,7 @@ impl EmbeddedBroker {
         Ok(())
     }
 
-    pub(super) async fn presence(
+    async fn presence(
         &self,
         channel: &str,
         limit: usize,

@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
+
 use super::{EmbeddedBroker, State};
-use crate::broker::{BrokerError, Event, NodePositions, Owner, SessionRecord};
+use crate::broker::{BrokerError, Event, NodePositions, Owner, SessionRecord, SessionStore};
 
 /// A session as the embedded broker keeps it: its record encoded (as Redis keeps it), which
 /// takes a few hundred bytes less than the record's maps and strings, for every session of a
@@ -41,11 +43,11 @@ impl EmbeddedBroker {
             None => None,
         }
     }
+}
 
-    pub(super) async fn load_session(
-        &self,
-        id: &str,
-    ) -> Result<Option<SessionRecord>, BrokerError> {
+#[async_trait]
+impl SessionStore for EmbeddedBroker {
+    async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, BrokerError> {
         Ok(Self::live_session(
             &mut self.state.lock(),
             id,
@@ -53,7 +55,7 @@ impl EmbeddedBroker {
         ))
     }
 
-    pub(super) async fn claim_session(
+    async fn claim_session(
         &self,
         id: &str,
         owner: &Owner,
@@ -74,7 +76,7 @@ impl EmbeddedBroker {
         Ok(previous)
     }
 
-    pub(super) async fn save_sessions(
+    async fn save_sessions(
         &self,
         records: &[SessionRecord],
         ttl: Duration,
@@ -103,7 +105,7 @@ impl EmbeddedBroker {
         Ok(())
     }
 
-    pub(super) async fn save_positions(
+    async fn save_positions(
         &self,
         node: &str,
         positions: &NodePositions,
@@ -117,7 +119,7 @@ impl EmbeddedBroker {
         Ok(())
     }
 
-    pub(super) async fn load_positions(
+    async fn load_positions(
         &self,
         node: &str,
         channels: &[&str],
@@ -137,11 +139,7 @@ impl EmbeddedBroker {
         }))
     }
 
-    pub(super) async fn take_over(
-        &self,
-        previous: &Owner,
-        session: &str,
-    ) -> Result<(), BrokerError> {
+    async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError> {
         // One node: the previous owner can only be this node, or a node that no longer runs.
         if previous.node == self.node {
             let event = Event::TakenOver {
@@ -156,7 +154,7 @@ impl EmbeddedBroker {
         Ok(())
     }
 
-    pub(super) async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
+    async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
         let mut state = self.state.lock();
         state.sessions.remove(id);
         state.ended.insert(id.to_owned(), Instant::now() + ttl);

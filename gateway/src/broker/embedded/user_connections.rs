@@ -2,11 +2,14 @@
 
 use std::time::{Duration, Instant};
 
-use super::EmbeddedBroker;
-use crate::broker::BrokerError;
+use async_trait::async_trait;
 
-impl EmbeddedBroker {
-    pub(super) async fn acquire_connection(
+use super::EmbeddedBroker;
+use crate::broker::{BrokerError, UserSlots};
+
+#[async_trait]
+impl UserSlots for EmbeddedBroker {
+    async fn acquire_connection(
         &self,
         user: &str,
         member: &str,
@@ -24,11 +27,7 @@ impl EmbeddedBroker {
         Ok(true)
     }
 
-    pub(super) async fn release_connection(
-        &self,
-        user: &str,
-        member: &str,
-    ) -> Result<(), BrokerError> {
+    async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError> {
         let mut state = self.state.lock();
         if let Some(members) = state.user_connections.get_mut(user) {
             members.remove(member);
@@ -39,7 +38,7 @@ impl EmbeddedBroker {
         Ok(())
     }
 
-    pub(super) async fn refresh_connections(
+    async fn refresh_connections(
         &self,
         slots: &[(String, String)],
         ttl: Duration,

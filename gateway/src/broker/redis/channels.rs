@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use redis::Value;
 
 use super::keys::{channel_keys, channel_topic, once_key};
 use super::requests::{classify, millis, protocol, Request};
 use super::RedisBroker;
-use crate::broker::{BrokerError, History, Published, CHANNEL_TTL};
+use crate::broker::{BrokerError, Channels, History, Published, CHANNEL_TTL};
 use crate::ids;
 
 impl RedisBroker {
@@ -63,16 +64,15 @@ impl RedisBroker {
             epoch: epoch.into(),
         })
     }
+}
 
-    pub(super) async fn publish(
-        &self,
-        channel: &str,
-        data: Bytes,
-    ) -> Result<Published, BrokerError> {
+#[async_trait]
+impl Channels for RedisBroker {
+    async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
         self.publish_script(channel, data, None).await
     }
 
-    pub(super) async fn publish_once(
+    async fn publish_once(
         &self,
         channel: &str,
         data: Bytes,
@@ -83,14 +83,14 @@ impl RedisBroker {
             .await
     }
 
-    pub(super) async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
         let [_, _, hist, _] = channel_keys(channel);
         let mut cmd = redis::cmd("DEL");
         cmd.arg(hist);
         self.query::<i64>(Request::Cmd(cmd)).await.map(|_| ())
     }
 
-    pub(super) async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {
+    async fn history(&self, channel: &str, after: u64) -> Result<History, BrokerError> {
         let mut invocation = self.channel_invocation(&self.scripts.history, channel);
         invocation
             .arg(if after == u64::MAX {
@@ -119,7 +119,7 @@ impl RedisBroker {
         Ok(History::new(epoch.into(), top, after, messages))
     }
 
-    pub(super) async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
         let current = self.link.current().ok_or_else(|| self.down())?;
         current
             .pubsub
@@ -128,7 +128,7 @@ impl RedisBroker {
             .map_err(classify)
     }
 
-    pub(super) async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
         // Without a link there is no subscription to drop.
         let Some(current) = self.link.current() else {
             return Ok(());

@@ -4,21 +4,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use indexmap::IndexMap;
 use redis::Value;
 
 use super::keys::{channel_topic, node_channels_keys, presence_keys, NODES_KEY};
 use super::requests::{millis, now_millis, protocol, to_json, Request};
 use super::{pool, scripts, RedisBroker, SAVE_BATCH};
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, Reports};
 use crate::presence::{Change, Member};
 
 /// Presence changes of one channel per script call: a report of a large room takes a few calls,
 /// none of which holds Redis for long.
 const PRESENCE_BATCH: usize = 500;
 
-impl RedisBroker {
-    pub(super) async fn report_channels(
+#[async_trait]
+impl Reports for RedisBroker {
+    async fn report_channels(
         &self,
         counts: &[(Arc<str>, u64)],
         ttl: Duration,
@@ -64,7 +66,7 @@ impl RedisBroker {
         Ok(())
     }
 
-    pub(super) async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError> {
+    async fn channels(&self) -> Result<Vec<(String, u64)>, BrokerError> {
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
         cmd.arg(NODES_KEY).arg(now_millis()).arg("+inf");
         let nodes: Vec<String> = self.query(Request::Cmd(cmd)).await?;
@@ -82,7 +84,7 @@ impl RedisBroker {
         Ok(totals.into_iter().collect())
     }
 
-    pub(super) async fn change_presence(
+    async fn change_presence(
         &self,
         changes: &[Change],
         ttl: Duration,
@@ -134,7 +136,7 @@ impl RedisBroker {
         Ok(())
     }
 
-    pub(super) async fn presence(
+    async fn presence(
         &self,
         channel: &str,
         limit: usize,

@@ -3,18 +3,17 @@
 
 use std::time::Duration;
 
+use async_trait::async_trait;
 use redis::Value;
 
 use super::keys::{control_topic, node_positions_keys, session_key, TakeoverNotice};
 use super::requests::{classify, millis, pool_error, protocol, to_json, Request};
 use super::{pool, scripts, RedisBroker, SAVE_BATCH};
-use crate::broker::{BrokerError, NodePositions, Owner, SessionRecord};
+use crate::broker::{BrokerError, NodePositions, Owner, SessionRecord, SessionStore};
 
-impl RedisBroker {
-    pub(super) async fn load_session(
-        &self,
-        id: &str,
-    ) -> Result<Option<SessionRecord>, BrokerError> {
+#[async_trait]
+impl SessionStore for RedisBroker {
+    async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, BrokerError> {
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(session_key(id)).arg("record").arg("owner");
         let (record, owner): (Option<String>, Option<String>) =
@@ -22,7 +21,7 @@ impl RedisBroker {
         Ok(decode_session(record, owner))
     }
 
-    pub(super) async fn claim_session(
+    async fn claim_session(
         &self,
         id: &str,
         owner: &Owner,
@@ -38,7 +37,7 @@ impl RedisBroker {
         Ok(found.and_then(|(record, owner)| decode_session(record, owner)))
     }
 
-    pub(super) async fn save_sessions(
+    async fn save_sessions(
         &self,
         records: &[SessionRecord],
         ttl: Duration,
@@ -82,7 +81,7 @@ impl RedisBroker {
         Ok(())
     }
 
-    pub(super) async fn save_positions(
+    async fn save_positions(
         &self,
         node: &str,
         positions: &NodePositions,
@@ -112,7 +111,7 @@ impl RedisBroker {
         Ok(())
     }
 
-    pub(super) async fn load_positions(
+    async fn load_positions(
         &self,
         node: &str,
         channels: &[&str],
@@ -146,11 +145,7 @@ impl RedisBroker {
         }))
     }
 
-    pub(super) async fn take_over(
-        &self,
-        previous: &Owner,
-        session: &str,
-    ) -> Result<(), BrokerError> {
+    async fn take_over(&self, previous: &Owner, session: &str) -> Result<(), BrokerError> {
         let notice = to_json(&TakeoverNotice {
             session: session.to_owned(),
             conn: previous.conn,
@@ -162,7 +157,7 @@ impl RedisBroker {
             .map(|_| ())
     }
 
-    pub(super) async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
+    async fn end_session(&self, id: &str, ttl: Duration) -> Result<(), BrokerError> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(scripts::END)
             .arg(1)

@@ -3,13 +3,16 @@
 
 use std::time::Duration;
 
+use async_trait::async_trait;
+
 use super::keys::user_connections_key;
 use super::requests::{millis, now_millis, Request};
 use super::{scripts, RedisBroker, SAVE_BATCH};
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, UserSlots};
 
-impl RedisBroker {
-    pub(super) async fn acquire_connection(
+#[async_trait]
+impl UserSlots for RedisBroker {
+    async fn acquire_connection(
         &self,
         user: &str,
         member: &str,
@@ -30,11 +33,7 @@ impl RedisBroker {
         Ok(added == 1)
     }
 
-    pub(super) async fn release_connection(
-        &self,
-        user: &str,
-        member: &str,
-    ) -> Result<(), BrokerError> {
+    async fn release_connection(&self, user: &str, member: &str) -> Result<(), BrokerError> {
         let mut cmd = redis::cmd("ZREM");
         cmd.arg(user_connections_key(user)).arg(member);
         self.query_shared::<i64>(Request::Cmd(cmd))
@@ -42,7 +41,7 @@ impl RedisBroker {
             .map(|_| ())
     }
 
-    pub(super) async fn refresh_connections(
+    async fn refresh_connections(
         &self,
         slots: &[(String, String)],
         ttl: Duration,
