@@ -223,6 +223,19 @@ impl Sessions {
         if let Some(follows) = record.follows.take() {
             self.catch_up(&mut record, &follows).await;
         }
+        // The connection that holds the session is on this node: what it holds now is newer
+        // than any save (a subscription made just before is not saved yet).
+        let held = self
+            .live
+            .lock()
+            .get(id)
+            .filter(|s| s.owner == record.owner)
+            .cloned();
+        if let Some(held) = held {
+            let now = held.record(None);
+            record.subscriptions = now.subscriptions;
+            record.presence = now.presence;
+        }
         if record.owner.node != owner.node {
             if let Err(e) = self.broker.take_over(&record.owner, id).await {
                 warn!(session_owner = %record.owner.node, error = %e, "could not reach the session's previous node");
