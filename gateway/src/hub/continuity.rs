@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use shared::ServerFrame;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::{Channel, Hub};
 use crate::broker::Delivery;
@@ -14,40 +14,6 @@ use crate::metrics::InProgress;
 use crate::wire;
 
 impl Hub {
-    /// Passes one message from the broker on to the channel's local subscribers.
-    pub(super) fn deliver(self: &Arc<Self>, delivery: Delivery) {
-        let mut channels = self.channels.lock();
-        let Some(channel) = channels.get_mut(&delivery.channel) else {
-            return;
-        };
-        if let Some(held) = &mut channel.repairing {
-            held.push(delivery);
-            return;
-        }
-        match channel.continuity(&delivery) {
-            Continuity::Next => channel.pass_on(&delivery, &self.fanout, &self.metrics),
-            Continuity::Repeat => self.metrics.drops.with_label_values(&["repeat"]).inc(),
-            Continuity::NewEpoch => {
-                channel.restart(
-                    &delivery.epoch,
-                    delivery.seq.saturating_sub(1),
-                    &self.fanout,
-                );
-                channel.pass_on(&delivery, &self.fanout, &self.metrics);
-            }
-            Continuity::Gap => {
-                debug!(channel = %channel.name, last = channel.last_seq, seq = delivery.seq, "gap, repairing from history");
-                self.metrics.repairs.inc();
-                let after = channel.last_seq;
-                channel.repairing = Some(vec![delivery]);
-                let hub = self.clone();
-                let name = channel.name.clone();
-                self.tasks
-                    .spawn("hub repair", async move { hub.repair(name, after).await });
-            }
-        }
-    }
-
     /// After a broker outage: links every channel again and repairs each from history, so that
     /// what was published while the link was down reaches subscribers without a new message.
     pub async fn resync(self: &Arc<Self>) {
@@ -79,7 +45,7 @@ impl Hub {
 
     /// Fills a gap after `after` from history, then passes on what was held meanwhile. What
     /// history no longer has is lost: subscribers are told with `recovered: false`.
-    async fn repair(self: Arc<Self>, name: Arc<str>, after: u64) {
+    pub(super) async fn repair(self: Arc<Self>, name: Arc<str>, after: u64) {
         let _repairing = InProgress::start(&self.metrics.repairs_in_progress);
         let history = self.broker.history(&name, after).await;
         let mut channels = self.channels.lock();
@@ -125,7 +91,7 @@ impl Hub {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum Continuity {
+pub(super) enum Continuity {
     Next,
     Repeat,
     Gap,
@@ -133,7 +99,7 @@ enum Continuity {
 }
 
 impl Channel {
-    fn continuity(&self, delivery: &Delivery) -> Continuity {
+    pub(super) fn continuity(&self, delivery: &Delivery) -> Continuity {
         match &self.epoch {
             // Nothing passed on yet: the first message sets where the channel stands.
             None => Continuity::Next,
@@ -146,7 +112,7 @@ impl Channel {
 
     /// Continuity is lost: every live subscriber is told where the channel stands now, before
     /// its next message.
-    fn restart(&mut self, epoch: &Arc<str>, seq: u64, fanout: &Fanout) {
+    pub(super) fn restart(&mut self, epoch: &Arc<str>, seq: u64, fanout: &Fanout) {
         self.epoch = Some(epoch.clone());
         self.last_seq = seq;
         let frame = wire::text(

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use shared::{Position, ServerFrame};
 use tokio::sync::Mutex as AsyncMutex;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::broker::{Broker, BrokerError, Delivery, Event, Events};
 use crate::connection::Transport;
@@ -26,6 +26,8 @@ use crate::shutdown::Tasks;
 use crate::wire;
 
 mod continuity;
+
+use self::continuity::Continuity;
 
 pub struct Hub {
     broker: Arc<dyn Broker>,
@@ -309,6 +311,40 @@ impl Hub {
             }
         }
         Ok(())
+    }
+
+    /// Passes one message from the broker on to the channel's local subscribers.
+    fn deliver(self: &Arc<Self>, delivery: Delivery) {
+        let mut channels = self.channels.lock();
+        let Some(channel) = channels.get_mut(&delivery.channel) else {
+            return;
+        };
+        if let Some(held) = &mut channel.repairing {
+            held.push(delivery);
+            return;
+        }
+        match channel.continuity(&delivery) {
+            Continuity::Next => channel.pass_on(&delivery, &self.fanout, &self.metrics),
+            Continuity::Repeat => self.metrics.drops.with_label_values(&["repeat"]).inc(),
+            Continuity::NewEpoch => {
+                channel.restart(
+                    &delivery.epoch,
+                    delivery.seq.saturating_sub(1),
+                    &self.fanout,
+                );
+                channel.pass_on(&delivery, &self.fanout, &self.metrics);
+            }
+            Continuity::Gap => {
+                debug!(channel = %channel.name, last = channel.last_seq, seq = delivery.seq, "gap, repairing from history");
+                self.metrics.repairs.inc();
+                let after = channel.last_seq;
+                channel.repairing = Some(vec![delivery]);
+                let hub = self.clone();
+                let name = channel.name.clone();
+                self.tasks
+                    .spawn("hub repair", async move { hub.repair(name, after).await });
+            }
+        }
     }
 
     /// Passes a member's join or leave on to the local subscribers of its channel that asked
