@@ -266,12 +266,19 @@ mod tests {
         (session, cursor, peer)
     }
 
+    /// Where a resume of `id` on another node (`n2`, on the same broker) starts.
     async fn resumed_at(sessions: &Sessions, id: &str) -> Position {
+        let elsewhere = Sessions::new(
+            sessions.broker.clone(),
+            Arc::new(Metrics::new()),
+            Duration::from_secs(60),
+            "n2".into(),
+        );
         let owner = Owner {
             node: "n2".into(),
             conn: 99,
         };
-        let record = sessions.claim(id, "", &owner).await.unwrap().unwrap();
+        let record = elsewhere.claim(id, "", &owner).await.unwrap().unwrap();
         record.subscriptions["news"].clone()
     }
 
@@ -406,5 +413,26 @@ mod tests {
         assert_eq!(records.get(), 1, "moved positions alone write no record");
         sessions.save(Scan::Changed).await;
         assert_eq!(records.get(), 2, "the refresh");
+    }
+
+    #[tokio::test]
+    async fn a_resume_on_the_same_node_sees_what_was_not_saved_yet() {
+        let sessions = sessions(broker());
+        let (session, cursor, _peer) = live("s1", 1, "news", 5).await;
+        sessions.attach(session.clone());
+        sessions.save(Scan::Urgent).await;
+        cursor.advance(8);
+        // Subscribed after the last save, and resumed before the next one.
+        session.positions.insert(
+            Arc::from("sport"),
+            Arc::new(Cursor::new(3, Arc::from("e1"))),
+        );
+        let owner = Owner {
+            node: "n1".into(),
+            conn: 2,
+        };
+        let record = sessions.claim("s1", "", &owner).await.unwrap().unwrap();
+        assert_eq!(record.subscriptions["news"], at(8));
+        assert_eq!(record.subscriptions["sport"], at(3));
     }
 }
