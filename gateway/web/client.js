@@ -22,6 +22,7 @@ import {
   CONNECTING,
   DEFAULTS,
   defaultUrl,
+  Emitter,
   OPEN,
   realClock,
 } from "./connection.js";
@@ -145,8 +146,9 @@ function openTransport(client, options) {
   return new LocalTransport(client, options);
 }
 
-export class Client {
+export class Client extends Emitter {
   constructor(options = {}) {
+    super();
     const o = { ...DEFAULTS, shared: true, ...options };
     this.options = o;
     this.url = o.url ?? defaultUrl();
@@ -180,7 +182,6 @@ export class Client {
     this.tabLock = null;
     /** Set when the SharedWorker did not start: this tab shares otherwise. */
     this.workerFailed = false;
-    this.listeners = new Map();
     this.transport = openTransport(this, o);
     this.listenToBrowser();
   }
@@ -191,38 +192,6 @@ export class Client {
    */
   get sharing() {
     return this.transport.sharing;
-  }
-
-  // --- events -------------------------------------------------------------------------------
-
-  /** Calls `fn(event)` for every event of `type`; returns a function that stops it. */
-  on(type, fn) {
-    if (!this.listeners.has(type)) this.listeners.set(type, new Set());
-    this.listeners.get(type).add(fn);
-    return () => this.off(type, fn);
-  }
-
-  off(type, fn) {
-    this.listeners.get(type)?.delete(fn);
-  }
-
-  emit(type, event) {
-    for (const fn of [...(this.listeners.get(type) ?? [])]) {
-      try {
-        fn(event);
-      } catch (e) {
-        // A failing listener must not break the client; report it where it can be seen.
-        if (type !== "error") this.emit("error", e);
-        else globalThis.console?.error(e);
-      }
-    }
-  }
-
-  setState(state) {
-    if (state === this.state) return;
-    const previous = this.state;
-    this.state = state;
-    this.emit("state", { state, previous });
   }
 
   // --- the application's calls --------------------------------------------------------------

@@ -78,8 +78,49 @@ export function defaultUrl() {
   return url.href;
 }
 
-export class Connection {
+/**
+ * Events by type, and the state whose changes are one (`state`): what a `Connection` and a
+ * `Client` both offer their listeners.
+ */
+export class Emitter {
+  constructor() {
+    this.listeners = new Map();
+  }
+
+  /** Calls `fn(event)` for every event of `type`; returns a function that stops it. */
+  on(type, fn) {
+    if (!this.listeners.has(type)) this.listeners.set(type, new Set());
+    this.listeners.get(type).add(fn);
+    return () => this.off(type, fn);
+  }
+
+  off(type, fn) {
+    this.listeners.get(type)?.delete(fn);
+  }
+
+  emit(type, event) {
+    for (const fn of [...(this.listeners.get(type) ?? [])]) {
+      try {
+        fn(event);
+      } catch (e) {
+        // A failing listener must not break its emitter; report it where it can be seen.
+        if (type !== "error") this.emit("error", e);
+        else globalThis.console?.error(e);
+      }
+    }
+  }
+
+  setState(state) {
+    if (state === this.state) return;
+    const previous = this.state;
+    this.state = state;
+    this.emit("state", { state, previous });
+  }
+}
+
+export class Connection extends Emitter {
   constructor(options = {}) {
+    super();
     const o = { ...DEFAULTS, ...options };
     this.options = o;
     this.url = o.url ?? defaultUrl();
@@ -125,39 +166,6 @@ export class Connection {
     /** The positions the last `hello` carried. */
     this.helloSince = {};
     this.timers = {};
-    this.listeners = new Map();
-  }
-
-  // --- events -------------------------------------------------------------------------------
-
-  /** Calls `fn(event)` for every event of `type`; returns a function that stops it. */
-  on(type, fn) {
-    if (!this.listeners.has(type)) this.listeners.set(type, new Set());
-    this.listeners.get(type).add(fn);
-    return () => this.off(type, fn);
-  }
-
-  off(type, fn) {
-    this.listeners.get(type)?.delete(fn);
-  }
-
-  emit(type, event) {
-    for (const fn of [...(this.listeners.get(type) ?? [])]) {
-      try {
-        fn(event);
-      } catch (e) {
-        // A failing listener must not break the connection; report it where it can be seen.
-        if (type !== "error") this.emit("error", e);
-        else globalThis.console?.error(e);
-      }
-    }
-  }
-
-  setState(state) {
-    if (state === this.state) return;
-    const previous = this.state;
-    this.state = state;
-    this.emit("state", { state, previous });
   }
 
   fail(code, message, details) {
