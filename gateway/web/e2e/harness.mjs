@@ -10,9 +10,33 @@ import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
+import { after, before } from "node:test";
 import { fileURLToPath } from "node:url";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
+
+/** 1, 2 ... n. */
+export const upTo = (n) => Array.from({ length: n }, (_, i) => i + 1);
+
+/**
+ * The lab and the browser of a test file, started before its tests and stopped after them:
+ * `e2e.lab` and `e2e.browser` once the tests run.
+ */
+export function labForTheFile() {
+  const e2e = { lab: null, browser: null };
+  before(async () => {
+    e2e.lab = new Lab();
+    e2e.browser = await e2e.lab.browser();
+  });
+  after(async () => {
+    try {
+      await e2e.browser?.quit();
+    } finally {
+      await e2e.lab.cleanup();
+    }
+  });
+  return e2e;
+}
 
 /** How long any one wait may take: generous, for a loaded 2-core machine. */
 export const DEADLINE = 20_000;

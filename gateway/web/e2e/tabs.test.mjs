@@ -5,9 +5,9 @@
 // Needs chromium and chromium-driver (deploy/test.sh installs them).
 
 import assert from "node:assert/strict";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 
-import { Lab, publishing, waitFor } from "./harness.mjs";
+import { labForTheFile, publishing, upTo, waitFor } from "./harness.mjs";
 
 const TIMEOUT = 120_000;
 
@@ -24,31 +24,14 @@ const WORKER_NOT_FOUND = `{
   };
 }`;
 
-let lab;
-let browser;
-
-before(async () => {
-  lab = new Lab();
-  browser = await lab.browser();
-});
-
-after(async () => {
-  try {
-    await browser?.quit();
-  } finally {
-    await lab.cleanup();
-  }
-});
-
-/** 1, 2 ... n. */
-const upTo = (n) => Array.from({ length: n }, (_, i) => i + 1);
+const e2e = labForTheFile();
 
 /**
  * Opens the demo page of `gw` in a new tab, subscribed to `channels` (comma-separated), and waits
  * until every one of them is subscribed. `before`: a script run before the page's own.
  */
 async function openTab(gw, channels, { before, query = "" } = {}) {
-  const tab = await browser.newTab({ before });
+  const tab = await e2e.browser.newTab({ before });
   await tab.navigate(`http://127.0.0.1:${gw.port}/?channel=${channels}&connect${query}`);
   const count = channels.split(",").length;
   tab.opened = await tab.waitDemo(`the tab of ${channels} to subscribe`, (d) =>
@@ -70,7 +53,7 @@ function waitStats(gw, what, check) {
 }
 
 test("SharedWorker: three tabs hold one WebSocket; each receives exactly the messages of its channels, once, in order", { timeout: TIMEOUT }, async (t) => {
-  const gw = await lab.gateway();
+  const gw = await e2e.lab.gateway();
   const a = await openTab(gw, "a,b");
   const b = await openTab(gw, "b");
   const c = await openTab(gw, "c");
@@ -119,7 +102,7 @@ for (const [how, end] of [
   ["closed", (tab) => tab.close()],
   ["crashed", (tab) => tab.crash()],
 ]) test(`Web Locks and BroadcastChannel: one WebSocket; the leader tab ${how} mid-stream, the other tabs lose nothing and get nothing twice`, { timeout: TIMEOUT }, async () => {
-  const gw = await lab.gateway();
+  const gw = await e2e.lab.gateway();
   const options = { before: WITHOUT_SHARED_WORKER };
   const leader = await openTab(gw, "x,y", options);
   const b = await openTab(gw, "x", options);
@@ -159,7 +142,7 @@ for (const [how, end] of [
 });
 
 test("without SharedWorker, Web Locks and BroadcastChannel, or with shared=false: a WebSocket per tab", { timeout: TIMEOUT }, async (t) => {
-  const gw = await lab.gateway();
+  const gw = await e2e.lab.gateway();
   const a = await openTab(gw, "p", { before: WITHOUT_ANY_SHARING });
   const b = await openTab(gw, "p,q", { before: WITHOUT_ANY_SHARING });
   const c = await openTab(gw, "q", { query: "&shared=false" });
@@ -188,7 +171,7 @@ test("without SharedWorker, Web Locks and BroadcastChannel, or with shared=false
 });
 
 test("a SharedWorker whose script does not load: the tabs share through a leader tab", { timeout: TIMEOUT }, async () => {
-  const gw = await lab.gateway();
+  const gw = await e2e.lab.gateway();
   const a = await openTab(gw, "w", { before: WORKER_NOT_FOUND });
   const b = await openTab(gw, "w", { before: WORKER_NOT_FOUND });
   assert.deepEqual([a.opened.sharing, b.opened.sharing], ["leader", "follower"]);
@@ -209,7 +192,7 @@ for (const [path, options] of [
   ["the tab alone", { before: WITHOUT_ANY_SHARING }],
 ]) {
   test(`offline, then online (DevTools network emulation), through ${path}: the connection resumes at once, and the stream goes on exactly once`, { timeout: TIMEOUT }, async (t) => {
-    const gw = await lab.gateway();
+    const gw = await e2e.lab.gateway();
     const tab = await openTab(gw, "net", options);
     const stream = publishing(() => gw, "net");
     await tab.waitDemo("messages before going offline", (d) => d.messages.length >= 5);
