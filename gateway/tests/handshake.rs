@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{http_raw, refusal_status, upgrade_request, wait_for_logs, Gateway};
+use common::{http_raw, refusal_status, upgrade_head, upgrade_request, wait_for_logs, Gateway};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 fn with_header(
@@ -51,21 +51,9 @@ async fn no_subprotocol_when_none_or_another_is_offered() {
          Sec-WebSocket-Protocol: chat\r\n\r\n",
         gw.client_addr
     );
-    let mut stream = tokio::net::TcpStream::connect(gw.client_addr)
+    let head = upgrade_head(gw.client_addr, &request)
         .await
-        .unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
-        .await
-        .unwrap();
-    let mut head = vec![0u8; 4096];
-    let n = tokio::time::timeout(
-        common::DEADLINE,
-        tokio::io::AsyncReadExt::read(&mut stream, &mut head),
-    )
-    .await
-    .expect("upgrade response")
-    .unwrap();
-    let head = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+        .to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(!head.contains("sec-websocket-protocol"), "{head}");
 }
@@ -214,22 +202,7 @@ async fn an_http_1_0_upgrade_is_refused_with_400() {
     assert!(!response.contains("101"), "{response}");
     assert!(response.contains("HTTP/1.1 or later"), "{response}");
     // In HTTP/1.1, the same request upgrades.
-    let mut stream = tokio::net::TcpStream::connect(gw.client_addr)
-        .await
-        .unwrap();
-    let request = raw_upgrade(&gw, "HTTP/1.1");
-    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
-        .await
-        .unwrap();
-    let mut head = vec![0u8; 1024];
-    let n = tokio::time::timeout(
-        common::DEADLINE,
-        tokio::io::AsyncReadExt::read(&mut stream, &mut head),
-    )
-    .await
-    .expect("upgrade response")
-    .unwrap();
-    let head = String::from_utf8_lossy(&head[..n]);
+    let head = upgrade_head(gw.client_addr, &raw_upgrade(&gw, "HTTP/1.1")).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     gw.wait_metric(
         r#"bgw_handshake_rejections_total{reason="http_version"}"#,

@@ -159,6 +159,25 @@ pub async fn http_raw(addr: SocketAddr, request: &str) -> (u16, String) {
     (status, response)
 }
 
+/// Sends a raw upgrade request and returns the head of the answer, without waiting for the end
+/// of a stream that a 101 leaves open.
+pub async fn upgrade_head(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let read = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 1024];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    timeout(DEADLINE, read).await.expect("upgrade response");
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 /// Sends raw bytes and returns what came back: the head and the body, as long as its
 /// Content-Length says, or up to the end of the stream without one.
 pub async fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
