@@ -6,7 +6,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 use shared::ChannelPattern;
 
-use super::{broker_error, error, json_response, Body};
+use super::{broker_error, error, json_response, limit_in, Body};
 use crate::node::Node;
 
 const DEFAULT_LIMIT: usize = 100;
@@ -42,13 +42,7 @@ fn parse(query: &str) -> Result<(Option<ChannelPattern>, usize), String> {
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*name {
             "pattern" => pattern = Some(ChannelPattern::new(&value)),
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| format!("limit: 1 to {MAX_LIMIT}"))?;
-            }
+            "limit" => limit = limit_in(&value, 1..=MAX_LIMIT)?,
             _ => {}
         }
     }

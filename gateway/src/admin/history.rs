@@ -5,9 +5,8 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 use serde_json::value::RawValue;
-use shared::valid_channel;
 
-use super::{broker_error, error, json_response, Body};
+use super::{broker_error, error, json_response, limit_in, required_channel, Body};
 use crate::node::Node;
 
 /// Messages of one answer when the request names no limit.
@@ -79,20 +78,11 @@ fn parse(query: &str) -> Result<Query, String> {
                     .parse()
                     .map_err(|_| format!("since: `{value}` is not a seq"))?;
             }
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| format!("limit: 1 to {MAX_LIMIT}"))?;
-            }
+            "limit" => limit = limit_in(&value, 1..=MAX_LIMIT)?,
             _ => {}
         }
     }
-    let channel = channel.ok_or("a channel is required: ?channel=NAME")?;
-    if !valid_channel(&channel) {
-        return Err("invalid channel name".into());
-    }
+    let channel = required_channel(channel)?;
     Ok(Query {
         channel,
         since,

@@ -166,3 +166,21 @@ fn json_response(code: StatusCode, body: serde_json::Value) -> Response<Body> {
 fn error(code: StatusCode, message: &str) -> Response<Body> {
     json_response(code, json!({"error": message}))
 }
+
+/// The `limit` query parameter of a read: a number in `range`.
+fn limit_in(value: &str, range: std::ops::RangeInclusive<usize>) -> Result<usize, String> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| format!("limit: {} to {}", range.start(), range.end()))
+}
+
+/// The `channel` query parameter of a read: required, and a valid name.
+fn required_channel(channel: Option<String>) -> Result<String, String> {
+    let channel = channel.ok_or("a channel is required: ?channel=NAME")?;
+    if !shared::valid_channel(&channel) {
+        return Err("invalid channel name".into());
+    }
+    Ok(channel)
+}

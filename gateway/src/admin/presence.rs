@@ -4,9 +4,9 @@
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
-use shared::{valid_channel, ChannelPattern};
+use shared::ChannelPattern;
 
-use super::{broker_error, error, json_response, Body};
+use super::{broker_error, error, json_response, limit_in, required_channel, Body};
 use crate::node::Node;
 
 pub async fn read(req: Request<Incoming>, node: &Node) -> Response<Body> {
@@ -45,19 +45,9 @@ fn parse(query: &str, max: usize) -> Result<(String, usize), String> {
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*name {
             "channel" => channel = Some(value.into_owned()),
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|n| *n <= max)
-                    .ok_or_else(|| format!("limit: 0 to {max}"))?;
-            }
+            "limit" => limit = limit_in(&value, 0..=max)?,
             _ => {}
         }
     }
-    let channel = channel.ok_or("a channel is required: ?channel=NAME")?;
-    if !valid_channel(&channel) {
-        return Err("invalid channel name".into());
-    }
-    Ok((channel, limit))
+    Ok((required_channel(channel)?, limit))
 }
