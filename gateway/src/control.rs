@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 use crate::broker::{Broker, Control, Disconnect, Target};
 use crate::hub::Hub;
 use crate::presence::Presence;
-use crate::session::{Cursor, LiveSession, Sessions};
+use crate::session::{LiveSession, Sessions};
 use crate::wire;
 
 /// Applies `control` to the node's live sessions that it targets.
@@ -117,9 +117,8 @@ async fn subscribe(
         return;
     }
     let conn = session.owner.conn;
-    let cursor = Arc::new(Cursor::new(0, Arc::from("")));
     let prepared = match hub
-        .prepare(conn, &session.transport, &cursor, channel, None, false)
+        .prepare(conn, &session.transport, channel, None, false)
         .await
     {
         Ok(prepared) => prepared,
@@ -134,7 +133,7 @@ async fn subscribe(
         hub.remove(conn, channel).await;
         return;
     }
-    cursor.restart(&prepared.epoch, prepared.start());
+    let cursor = prepared.cursor.clone();
     session.positions.insert(prepared.channel.clone(), cursor);
     let frame = prepared.subscribed_frame(None);
     session

@@ -66,6 +66,8 @@ pub struct Prepared {
     /// The channel's last seq when the subscription started.
     pub seq: u64,
     pub recovered: bool,
+    /// Where the subscription stands, from its start on: the session's position of it.
+    pub cursor: Arc<Cursor>,
     replay: Vec<(u64, Bytes)>,
 }
 
@@ -82,7 +84,7 @@ impl Prepared {
     }
 
     /// The position the subscription starts from: before its replay, or at the channel's top.
-    pub fn start(&self) -> u64 {
+    fn start(&self) -> u64 {
         self.replay.first().map_or(self.seq, |(seq, _)| seq - 1)
     }
 }
@@ -167,12 +169,13 @@ impl Hub {
         &self,
         conn: u64,
         transport: &Arc<Transport>,
-        cursor: &Arc<Cursor>,
         channel: &str,
         since: Option<&Position>,
         presence: bool,
     ) -> Result<Prepared, BrokerError> {
         let shard = self.fanout.shard_of(conn);
+        // Registered before the start is known; set to it below, before anything is written.
+        let cursor = Arc::new(Cursor::new(0, Arc::from("")));
         let name = {
             let mut channels = self.channels.lock();
             let entry = match channels.get_mut(channel) {
@@ -226,13 +229,16 @@ impl Hub {
             }
             Some(_) => (false, Vec::new()),
         };
-        Ok(Prepared {
+        let prepared = Prepared {
             channel: name,
             epoch: history.epoch,
             seq: history.top,
             recovered,
+            cursor,
             replay,
-        })
+        };
+        prepared.cursor.restart(&prepared.epoch, prepared.start());
+        Ok(prepared)
     }
 
     /// Sends the replay of a prepared subscription, then the live messages held since, and

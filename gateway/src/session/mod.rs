@@ -23,6 +23,7 @@ use crate::presence::OptIns;
 /// Where one subscription stands: the last seq written to its socket, in `epoch`. The fan-out
 /// moves `seq` with one plain store per write, and the saver reads it when it saves: no lock
 /// per frame.
+#[derive(Debug)]
 pub struct Cursor {
     seq: AtomicU64,
     epoch: Mutex<Arc<str>>,

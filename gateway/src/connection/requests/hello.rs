@@ -13,7 +13,7 @@ use crate::auth::Identity;
 use crate::broker::Owner;
 use crate::ids;
 use crate::presence::OptIns;
-use crate::session::{Cursor, LiveSession};
+use crate::session::LiveSession;
 
 impl Connection {
     pub(super) async fn hello(
@@ -80,28 +80,19 @@ impl Connection {
                         continue;
                     }
                     let since = since.get(channel).unwrap_or(stored);
-                    let cursor = Arc::new(Cursor::new(0, Arc::from("")));
                     // A channel that no longer keeps presence is restored without it.
                     let presence =
                         record.presence.contains(channel) && node.presence.covers(channel);
                     match node
                         .hub
-                        .prepare(
-                            self.id,
-                            &self.transport,
-                            &cursor,
-                            channel,
-                            Some(since),
-                            presence,
-                        )
+                        .prepare(self.id, &self.transport, channel, Some(since), presence)
                         .await
                     {
                         Ok(p) => {
                             if presence {
                                 opt_ins.push(p.channel.clone());
                             }
-                            cursor.restart(&p.epoch, p.start());
-                            self.positions.insert(p.channel.clone(), cursor);
+                            self.positions.insert(p.channel.clone(), p.cursor.clone());
                             prepared.push(p);
                         }
                         Err(e) => {

@@ -1,14 +1,11 @@
 //! `subscribe`: registers for live messages, replays what the client asked for, then live;
 //! with `presence`, the channel's `join` and `leave` frames too.
 
-use std::sync::Arc;
-
 use shared::frame::Id;
 use shared::{ErrorCode, Position, ServerFrame};
 use tracing::warn;
 
 use super::super::Connection;
-use crate::session::Cursor;
 
 impl Connection {
     pub(super) async fn subscribe(
@@ -51,21 +48,13 @@ impl Connection {
                 "too many subscriptions",
             );
         }
-        let cursor = Arc::new(Cursor::new(0, Arc::from("")));
         match node
             .hub
-            .prepare(
-                self.id,
-                &self.transport,
-                &cursor,
-                &channel,
-                since.as_ref(),
-                presence,
-            )
+            .prepare(self.id, &self.transport, &channel, since.as_ref(), presence)
             .await
         {
             Ok(prepared) => {
-                cursor.restart(&prepared.epoch, prepared.start());
+                let cursor = prepared.cursor.clone();
                 self.positions.insert(prepared.channel.clone(), cursor);
                 // The reply goes first; the replay follows it once activated.
                 self.reply(prepared.subscribed_frame(id));
