@@ -93,11 +93,7 @@ impl Channels for EmbeddedBroker {
     async fn publish(&self, channel: &str, data: Bytes) -> Result<Published, BrokerError> {
         // Reserve the event's place first, so that seq order and delivery order are the same
         // order: both are decided under the lock in `append`.
-        let permit = self
-            .events
-            .reserve()
-            .await
-            .map_err(|_| BrokerError::Internal("node stopped".into()))?;
+        let permit = self.event_slot().await?;
         let now = Instant::now();
         Ok(self.append(&mut self.state.lock(), permit, channel, data, now))
     }
@@ -109,11 +105,7 @@ impl Channels for EmbeddedBroker {
         key: &str,
         window: Duration,
     ) -> Result<Published, BrokerError> {
-        let permit = self
-            .events
-            .reserve()
-            .await
-            .map_err(|_| BrokerError::Internal("node stopped".into()))?;
+        let permit = self.event_slot().await?;
         let now = Instant::now();
         let mut state = self.state.lock();
         let id = (Arc::from(channel), key.to_owned());

@@ -65,6 +65,16 @@ struct State {
 }
 
 impl EmbeddedBroker {
+    /// Hands `event` to the node, in order.
+    async fn tell(&self, event: Event) -> Result<(), BrokerError> {
+        self.events.send(event).await.map_err(|_| node_stopped())
+    }
+
+    /// A place in the node's events, taken before the event it will hold is decided.
+    async fn event_slot(&self) -> Result<mpsc::Permit<'_, Event>, BrokerError> {
+        self.events.reserve().await.map_err(|_| node_stopped())
+    }
+
     /// The broker, and the events it sends to the node.
     pub fn new(node: String, history_limits: HistoryLimits) -> (Arc<Self>, Events) {
         let (events, rx) = mpsc::channel(EVENT_QUEUE);
@@ -137,14 +147,15 @@ impl EmbeddedBroker {
     }
 }
 
+fn node_stopped() -> BrokerError {
+    BrokerError::Internal("node stopped".into())
+}
+
 /// The broker's other traits are implemented in the modules of their jobs.
 #[async_trait]
 impl Broker for EmbeddedBroker {
     async fn control(&self, control: &Control) -> Result<(), BrokerError> {
-        self.events
-            .send(Event::Control(control.clone()))
-            .await
-            .map_err(|_| BrokerError::Internal("node stopped".into()))
+        self.tell(Event::Control(control.clone())).await
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

@@ -82,10 +82,7 @@ impl Reports for EmbeddedBroker {
             }
         }
         for event in events {
-            self.events
-                .send(event)
-                .await
-                .map_err(|_| BrokerError::Internal("node stopped".into()))?;
+            self.tell(event).await?;
         }
         Ok(())
     }

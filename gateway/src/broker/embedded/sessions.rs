@@ -146,10 +146,7 @@ impl SessionStore for EmbeddedBroker {
                 session: session.to_owned(),
                 conn: previous.conn,
             };
-            self.events
-                .send(event)
-                .await
-                .map_err(|_| BrokerError::Internal("node stopped".into()))?;
+            self.tell(event).await?;
         }
         Ok(())
     }
